@@ -1,0 +1,53 @@
+"""Choosing the device and dtype a model runs in."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import RequestError
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+DTYPE_CHOICES = ("auto", *DTYPES)
+
+
+def cpu_supports_bf16() -> bool:
+    # oneDNN reports native bf16 only where the CPU has AVX-512 BF16 or AMX; elsewhere bf16 is emulated and slower.
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    base = name.split(":")[0]
+    if base not in DEVICE_CHOICES:
+        raise RequestError("device", f"unknown device {name!r}; choose from {', '.join(DEVICE_CHOICES)}")
+    if base == "cuda" and not torch.cuda.is_available():
+        raise RequestError("device", "CUDA was asked for but torch sees no CUDA GPU (is the CUDA build of torch installed?)")
+    if base == "mps" and not torch.backends.mps.is_available():
+        raise RequestError("device", "MPS was asked for but is not available on this machine")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        if device.type == "cpu" and cpu_supports_bf16():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise RequestError("dtype", f"unknown dtype {name!r}; choose from {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

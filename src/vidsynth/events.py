@@ -1,0 +1,43 @@
+"""Progress events: the one channel through which a generation reports progress and is cancelled.
+
+A callback receives every `Event`; raising `vidsynth.Cancelled` from it stops the generation at that point
+(the denoising loop calls it once per step, so cancellation takes effect within one step). The CLI progress bar,
+the server's job worker and the notebook display are all such callbacks.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
+
+Phase = Literal["load", "encode", "denoise", "decode", "write", "done"]
+
+# Share of the overall progress bar each phase ends at; denoising dominates the wall time.
+_PHASE_END = {"load": 0.02, "encode": 0.04, "denoise": 0.92, "decode": 0.98, "write": 1.0, "done": 1.0}
+_PHASE_START = {"load": 0.0, "encode": 0.02, "denoise": 0.04, "decode": 0.92, "write": 0.98, "done": 1.0}
+
+
+@dataclass(frozen=True)
+class Event:
+    phase: Phase
+    step: int = 0  # steps done in this phase
+    total: int = 0  # steps in this phase (0 when it has none)
+    video: int = 0  # index of the video being made
+    videos: int = 1  # videos in the request
+    message: str = ""
+
+    @property
+    def progress(self) -> float:
+        """Overall fraction done, 0..1, across all videos of the request."""
+        start, end = _PHASE_START[self.phase], _PHASE_END[self.phase]
+        within = self.step / self.total if self.total else 1.0
+        per_video = start + (end - start) * within
+        if self.phase in ("load", "done"):
+            return per_video
+        return (self.video + per_video) / max(self.videos, 1)
+
+
+Callback = Optional[Callable[[Event], None]]
+
+
+def emit(callback: Callback, event: Event) -> None:
+    if callback is not None:
+        callback(event)

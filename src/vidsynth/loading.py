@@ -1,0 +1,192 @@
+"""Model loading: one entry point from a `--model` reference to the components of a ModelScope-architecture model.
+
+A reference is an alias (`ms-1.7b`), a local folder in diffusers or ModelScope layout, a Hugging Face repo id
+(resolved through the standard cache, honouring HF_HOME and HF_HUB_OFFLINE), or `modelscope:<id>`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from diffusers import AutoencoderKL, UNet3DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from . import modelscope_format
+from .errors import ModelError, ModelUnavailableError
+from .registry import HUB_IDS, KNOWN_MODELS, SHIPPED_MODEL, KnownModel, package_model_path
+from .request import ModelDefaults
+
+DIFFUSERS_INDEX = "model_index.json"
+DEFAULTS_FILE = "vidsynth.json"  # the native settings vidsynth writes beside the weights it saves
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class Components:
+    """Everything a generation needs, on the CPU until the pipeline places it."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet3DConditionModel
+    vae: AutoencoderKL
+    schedule: Optional[dict]  # diffusers scheduler config of the training noise schedule; None = ModelScope's
+    defaults: ModelDefaults
+    name: str
+    source: dict = field(default_factory=dict)  # where it came from, for `vidsynth info` and metadata
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    path: Path
+    name: str
+    known: Optional[KnownModel] = None
+
+
+def locate(reference: Optional[str], *, half_precision: bool = False) -> ModelLocation:
+    """Turn a --model reference into a local folder, downloading into the hub cache when allowed."""
+    reference = reference or SHIPPED_MODEL
+    known = KNOWN_MODELS.get(reference) or HUB_IDS.get(reference.removeprefix("modelscope:"))
+    if known:
+        kind, target = known.source.split(":", 1)
+        if kind == "package":
+            path = package_model_path(target)
+            if not path.is_dir():
+                raise ModelError(f"the shipped model is missing from this installation ({path}); reinstall vidsynth")
+        elif kind == "hf":
+            path = hf_snapshot(target, half_precision)
+        else:
+            path = modelscope_snapshot(target)
+        return ModelLocation(path, known.alias, known)
+    if reference.startswith("modelscope:"):
+        return ModelLocation(modelscope_snapshot(reference.split(":", 1)[1]), reference)
+    path = Path(reference).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"{reference} is a file; --model takes a model folder (diffusers or ModelScope layout)")
+        return ModelLocation(path, path.name)
+    if _looks_like_repo_id(reference):
+        return ModelLocation(hf_snapshot(reference, half_precision), reference)
+    raise ModelError(f"model {reference!r} not found: no such folder, and not a known alias "
+                     f"({', '.join(KNOWN_MODELS)}) or a hub id like owner/name")
+
+
+def _looks_like_repo_id(reference: str) -> bool:
+    parts = reference.split("/")
+    return len(parts) == 2 and all(parts) and not reference.startswith((".", "~")) and os.sep not in reference.replace("/", "")
+
+
+def hf_snapshot(repo_id: str, half_precision: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    variant = "*.fp16.*" if half_precision else None
+    patterns = ["*.json", "*.txt", "*.safetensors"]
+    ignore = None if variant else ["*.fp16.*"]
+    try:
+        try:
+            path = Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=ignore, local_files_only=True))
+        except LocalEntryNotFoundError:
+            path = Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=ignore))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        from huggingface_hub.constants import HF_HUB_CACHE
+        raise ModelUnavailableError(
+            f"{repo_id} is not in the Hugging Face cache ({HF_HUB_CACHE}) and the hub cannot be reached "
+            f"({type(exc).__name__}). On a machine with network run `hf download {repo_id}` and copy the cache "
+            f"folder models--{repo_id.replace('/', '--')} there, or put a diffusers-layout folder (model_index.json, "
+            f"unet/, vae/, text_encoder/, tokenizer/, scheduler/) anywhere and pass its path as --model.") from None
+    return path
+
+
+def modelscope_snapshot(model_id: str) -> Path:
+    try:
+        from modelscope.hub.snapshot_download import snapshot_download
+    except ImportError:
+        raise ModelError(f"fetching {model_id} from the ModelScope hub needs the optional extra: "
+                         f"pip install 'vidsynth[modelscope]'; or download it and pass the folder as --model") from None
+    try:
+        return Path(snapshot_download(model_id))
+    except Exception as exc:  # the modelscope client raises many unrelated types for a failed download
+        raise ModelUnavailableError(
+            f"{model_id} could not be fetched from the ModelScope hub ({type(exc).__name__}: {exc}). Put its files "
+            f"(configuration.json, text2video_pytorch_model.pth, VQGAN_autoencoder.pth, open_clip_pytorch_model.bin) "
+            f"in one folder and pass it as --model.") from None
+
+
+def load_components(reference: Optional[str] = None, *, dtype: torch.dtype = torch.float32) -> Components:
+    location = locate(reference, half_precision=dtype in (torch.float16, torch.bfloat16))
+    folder = location.path
+    if (folder / DIFFUSERS_INDEX).is_file():
+        parts, layout = load_diffusers_components(folder, dtype), "diffusers"
+    elif modelscope_format.is_modelscope_folder(folder):
+        parts, layout = modelscope_format.load_modelscope_components(folder), "modelscope"
+    else:
+        raise ModelError(f"{folder} is neither a diffusers-layout model folder (no {DIFFUSERS_INDEX}) nor a "
+                         f"ModelScope-layout one (no {modelscope_format.CONFIG_FILE})")
+    defaults = location.known.defaults if location.known else read_defaults(folder, parts)
+    return Components(**parts, defaults=defaults, name=location.name, source={"path": str(folder), "layout": layout})
+
+
+def read_defaults(folder: Path, parts: dict[str, Any]) -> ModelDefaults:
+    path = folder / DEFAULTS_FILE
+    if path.is_file():
+        try:
+            return ModelDefaults(**json.loads(path.read_text())["defaults"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ModelError(f"{path} is not a valid vidsynth defaults file: {exc}") from None
+    side = (parts["unet"].config.sample_size or 32) * 2 ** (len(parts["vae"].config.block_out_channels) - 1)
+    return ModelDefaults(height=side, width=side)
+
+
+def _read_index(folder: Path) -> dict:
+    try:
+        index = json.loads((folder / DIFFUSERS_INDEX).read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{folder / DIFFUSERS_INDEX} is not valid JSON ({exc.msg})") from None
+    missing = [name for name in COMPONENTS if name not in index]
+    if missing:
+        raise ModelError(f"{folder} is not a text-to-video model: model_index.json lacks {', '.join(missing)}")
+    if index["unet"][1] != "UNet3DConditionModel":
+        raise ModelError(f"{folder} holds a {index['unet'][1]}, not the UNet3DConditionModel of ModelScope's architecture")
+    return index
+
+
+def _variant(subfolder: Path, dtype: torch.dtype) -> Optional[str]:
+    """Pick the fp16 weight files when they are the only ones, or when running in half precision."""
+    names = [p.name for p in subfolder.glob("*") if p.suffix in (".safetensors", ".bin")]
+    has_fp16 = any(".fp16." in n for n in names)
+    has_full = any(".fp16." not in n for n in names)
+    return "fp16" if has_fp16 and (not has_full or dtype in (torch.float16, torch.bfloat16)) else None
+
+
+def load_diffusers_components(folder: Path, dtype: torch.dtype) -> dict[str, Any]:
+    _read_index(folder)
+    parts: dict[str, Any] = {}
+    loaders = {"unet": UNet3DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+    for name, cls in loaders.items():
+        subfolder = folder / name
+        try:
+            # Both libraries load .bin files with torch.load(weights_only=True) and prefer .safetensors.
+            parts[name] = cls.from_pretrained(subfolder, torch_dtype=dtype, variant=_variant(subfolder, dtype))
+        except Exception as exc:  # diffusers/transformers raise OSError, ValueError, RuntimeError, SafetensorError...
+            raise ModelError(f"cannot load {name} from {subfolder}: {type(exc).__name__}: {_first_line(exc)}") from None
+    try:
+        parts["tokenizer"] = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    except Exception as exc:
+        raise ModelError(f"cannot load tokenizer from {folder / 'tokenizer'}: {_first_line(exc)}") from None
+    schedule_path = folder / "scheduler" / "scheduler_config.json"
+    parts["schedule"] = json.loads(schedule_path.read_text()) if schedule_path.is_file() else None
+    return parts
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

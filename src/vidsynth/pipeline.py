@@ -1,0 +1,208 @@
+"""The text-to-video pipeline: text encoding, classifier-free-guided denoising of video latents, frame decoding.
+
+`load()` gives a Pipeline; `Pipeline.generate(request, callback)` is the one function every front end calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from . import __version__
+from .devices import dtype_name, resolve_device, resolve_dtype
+from .errors import NumericalError, RequestError
+from .events import Callback, Event, emit
+from .loading import Components, load_components
+from .request import GenerationRequest
+from .schedulers import make_scheduler
+from .video import Video
+
+OFFLOAD_MODES = ("none", "model", "sequential")
+LATENT_CHANNELS = 4
+
+
+def load(model: Optional[str] = None, *, device: str = "auto", dtype: str = "auto", offload: str = "none",
+         forward_chunking: bool = False, decode_chunk: int = 8) -> "Pipeline":
+    """Load a model (alias, folder or hub id; the shipped model when None) ready to generate."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    components = load_components(model, dtype=torch_dtype)
+    return Pipeline(components, torch_device, torch_dtype, offload=offload, forward_chunking=forward_chunking,
+                    decode_chunk=decode_chunk)
+
+
+def initial_noise(generator: torch.Generator, frames: int, latent_height: int, latent_width: int) -> torch.Tensor:
+    """The starting latents of one video, from a CPU generator so a seed gives the same video on any machine."""
+    shape = (1, LATENT_CHANNELS, frames, latent_height, latent_width)
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+class Pipeline:
+    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype, *, offload: str = "none",
+                 forward_chunking: bool = False, decode_chunk: int = 8):
+        if offload not in OFFLOAD_MODES:
+            raise RequestError("offload", f"unknown offload mode {offload!r}; choose from {', '.join(OFFLOAD_MODES)}")
+        if decode_chunk < 1:
+            raise RequestError("decode_chunk", "must be at least 1")
+        self.components = components
+        self.device, self.dtype = device, dtype
+        self.offload = offload if device.type != "cpu" else "none"  # offloading to the CPU from the CPU is a no-op
+        self.decode_chunk = decode_chunk
+        self.models = (components.text_encoder, components.unet, components.vae)
+        for module in self.models:
+            module.to(dtype=dtype).eval().requires_grad_(False)
+        if forward_chunking:
+            components.unet.enable_forward_chunking(chunk_size=1, dim=1)
+        if self.offload == "sequential":
+            from accelerate import cpu_offload
+            for module in self.models:
+                cpu_offload(module, execution_device=device)
+        elif self.offload == "none":
+            for module in self.models:
+                module.to(device)
+
+    @property
+    def name(self) -> str:
+        return self.components.name
+
+    @property
+    def defaults(self):
+        return self.components.defaults
+
+    def __repr__(self) -> str:
+        return f"Pipeline(model={self.name!r}, device={self.device}, dtype={dtype_name(self.dtype)})"
+
+    def __call__(self, prompt: Union[str, list[str], None] = None, *, callback: Callback = None,
+                 progress: bool = True, **settings) -> Union[Video, list[Video]]:
+        """Generate from a prompt and settings (the fields of GenerationRequest). One video, or a list of them."""
+        request = GenerationRequest.create(prompt=prompt if prompt is not None else "", **settings)
+        if progress and callback is None:
+            from .progress import ProgressBar
+            with ProgressBar() as bar:
+                videos = self.generate(request, bar)
+        else:
+            videos = self.generate(request, callback)
+        return videos[0] if len(videos) == 1 else videos
+
+    # ------------------------------------------------------------------------------------------------ the main loop
+
+    def generate(self, request: GenerationRequest, callback: Callback = None) -> list[Video]:
+        """Make every video the request asks for. Raise Cancelled (from the callback) to stop."""
+        request = request.resolve(self.defaults)
+        scale = self.components.vae_scale_factor
+        for side in ("height", "width"):
+            if getattr(request, side) % scale:
+                raise RequestError(side, f"must be a multiple of {scale} for this model")
+        prompts, count = request.prompts, request.total_videos
+        emit(callback, Event("encode", 0, 1, 0, count))
+        with self._using(self.components.text_encoder):
+            negative = self.encode_text([request.negative_prompt])
+            positive = self.encode_text(prompts)
+        emit(callback, Event("encode", 1, 1, 0, count))
+
+        videos = []
+        for index in range(count):
+            prompt_index = index // request.num_videos
+            seed = request.seed + index
+            # One generator per video: the initial noise, then any noise a stochastic sampler draws.
+            generator = torch.Generator("cpu").manual_seed(seed)
+            noise = initial_noise(generator, request.frames, request.height // scale, request.width // scale)
+            latents = self.denoise(noise, positive[prompt_index:prompt_index + 1], negative, request, generator,
+                                   lambda k, n: emit(callback, Event("denoise", k, n, index, count)))
+            frames = self.decode(latents, lambda k, n: emit(callback, Event("decode", k, n, index, count)))
+            settings = self.settings_for(request, prompts[prompt_index], seed)
+            videos.append(Video(frames=frames, fps=request.fps, settings=settings))
+        emit(callback, Event("done", 1, 1, count - 1, count))
+        return videos
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        tokenizer = self.components.tokenizer
+        limit = tokenizer.model_max_length
+        ids = tokenizer(texts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
+        for text, full_length in zip(texts, map(len, tokenizer(texts).input_ids)):
+            if full_length > limit:
+                warnings.warn(f"prompt is {full_length} tokens; the text encoder reads only the first {limit}, "
+                              f"so the end is ignored: {text[:60]!r}...", stacklevel=3)
+        return self.components.text_encoder(ids.to(self.device)).last_hidden_state
+
+    def denoise(self, latents: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
+                request: GenerationRequest, generator: torch.Generator, on_step) -> torch.Tensor:
+        unet = self.components.unet
+        scheduler = make_scheduler(request.scheduler, self.components.schedule)
+        scheduler.set_timesteps(request.steps, device=self.device)
+        step_options = self._step_options(scheduler, request.eta, generator)
+        guided = request.guidance != 1.0
+        context = torch.cat([negative, positive]) if guided else positive
+        # Latents stay float32 between steps so half-precision models do not accumulate rounding in the sampler.
+        latents = latents.to(self.device) * scheduler.init_noise_sigma
+        with self._using(unet):
+            for step, t in enumerate(scheduler.timesteps):
+                model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+                noise = unet(model_input.to(self.dtype), t, encoder_hidden_states=context).sample.float()
+                if guided:
+                    unconditional, conditional = noise.chunk(2)
+                    noise = unconditional + request.guidance * (conditional - unconditional)
+                latents = scheduler.step(noise, t, latents, **step_options).prev_sample
+                on_step(step + 1, len(scheduler.timesteps))
+        if not torch.isfinite(latents).all():
+            raise NumericalError(f"the denoiser produced NaN/inf in {dtype_name(self.dtype)}; "
+                                 f"run again with --dtype float32 (or bfloat16)")
+        return latents
+
+    def decode(self, latents: torch.Tensor, on_chunk) -> np.ndarray:
+        vae = self.components.vae
+        batch, channels, frames, height, width = latents.shape
+        latents = latents.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
+        latents = latents / vae.config.scaling_factor
+        chunks = latents.split(self.decode_chunk)
+        images = []
+        with self._using(vae):
+            for index, chunk in enumerate(chunks):
+                decoded = vae.decode(chunk.to(self.dtype)).sample.float()
+                if not torch.isfinite(decoded).all():
+                    raise NumericalError(f"the VAE decoder overflowed in {dtype_name(self.dtype)}; "
+                                         f"run again with --dtype float32 (or bfloat16)")
+                images.append(((decoded + 1) / 2).clamp(0, 1).cpu())
+                on_chunk(index + 1, len(chunks))
+        video = torch.cat(images).permute(0, 2, 3, 1)  # frames x height x width x 3
+        return (video * 255).round().to(torch.uint8).numpy()
+
+    def settings_for(self, request: GenerationRequest, prompt: str, seed: int) -> dict:
+        """What a video file records about how it was made; enough to make it again."""
+        return {
+            "prompt": prompt, "negative_prompt": request.negative_prompt, "seed": seed, "steps": request.steps,
+            "guidance": request.guidance, "scheduler": request.scheduler, "eta": request.eta,
+            "frames": request.frames, "height": request.height, "width": request.width, "fps": request.fps,
+            "model": self.name, "dtype": dtype_name(self.dtype), "vidsynth_version": __version__,
+        }
+
+    # ------------------------------------------------------------------------------------------------------ helpers
+
+    @contextlib.contextmanager
+    def _using(self, module: torch.nn.Module):
+        """With model offload, keep only the module in use on the accelerator."""
+        if self.offload != "model":
+            yield
+            return
+        module.to(self.device)
+        try:
+            yield
+        finally:
+            module.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    @staticmethod
+    def _step_options(scheduler, eta: float, generator: torch.Generator) -> dict:
+        accepted = inspect.signature(scheduler.step).parameters
+        options = {}
+        if "eta" in accepted:
+            options["eta"] = eta
+        if "generator" in accepted:
+            options["generator"] = generator
+        return options

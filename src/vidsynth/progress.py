@@ -1,0 +1,40 @@
+"""A progress bar that is a generation callback: a text bar in a terminal, a widget in a notebook."""
+
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from .events import Event
+
+
+class ProgressBar:
+    """Callback showing the denoising steps of each video, and the phase in the bar's description."""
+
+    def __init__(self, **tqdm_options):
+        self.options = {"leave": False, "dynamic_ncols": True, **tqdm_options}
+        self.bar = None
+        self.video = -1
+
+    def __call__(self, event: Event) -> None:
+        if event.phase == "denoise" and (self.bar is None or event.video != self.video):
+            self.close()
+            self.video = event.video
+            label = f"video {event.video + 1}/{event.videos}" if event.videos > 1 else "denoising"
+            self.bar = tqdm(total=event.total, desc=label, unit="step", **self.options)
+        if self.bar is None:
+            return
+        if event.phase == "denoise":
+            self.bar.update(event.step - self.bar.n)
+        elif event.phase == "decode":
+            self.bar.set_postfix_str(f"decoding {event.step}/{event.total}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

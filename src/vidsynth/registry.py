@@ -1,0 +1,42 @@
+"""Known models: short aliases, where their weights live, and their native settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .request import ModelDefaults
+
+SHIPPED_MODEL = "vidsynth-tiny"
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    alias: str
+    source: str  # "hf:<repo id>", "modelscope:<model id>" or "package:<folder under vidsynth/assets/models>"
+    defaults: ModelDefaults
+    description: str
+
+
+KNOWN_MODELS = {
+    model.alias: model for model in [
+        KnownModel(SHIPPED_MODEL, f"package:{SHIPPED_MODEL}", ModelDefaults(frames=16, height=64, width=64, steps=20, guidance=4.0, fps=8),
+                   "vidsynth's own small model, shipped in the package: coloured shapes moving on plain backgrounds"),
+        KnownModel("ms-1.7b", "hf:damo-vilab/text-to-video-ms-1.7b", ModelDefaults(),
+                   "ModelScope text-to-video 1.7B (diffusers port), 16 frames at 256x256"),
+        KnownModel("ms-1.7b-modelscope", "modelscope:damo/text-to-video-synthesis", ModelDefaults(),
+                   "the same model in its original ModelScope layout, from the ModelScope hub"),
+        KnownModel("zeroscope-576w", "hf:cerspense/zeroscope_v2_576w",
+                   ModelDefaults(frames=24, height=320, width=576, steps=40, guidance=9.0, fps=8),
+                   "ZeroScope v2 576w: watermark-free fine-tune, 24 frames at 576x320"),
+        KnownModel("zeroscope-xl", "hf:cerspense/zeroscope_v2_XL",
+                   ModelDefaults(frames=24, height=576, width=1024, steps=40, guidance=9.0, fps=8),
+                   "ZeroScope v2 XL: 1024x576, best used to upscale zeroscope-576w output"),
+    ]
+}
+HUB_IDS = {model.source.split(":", 1)[1]: model for model in KNOWN_MODELS.values() if not model.source.startswith("package:")}
+
+
+def package_model_path(name: str) -> Path:
+    return Path(str(resources.files("vidsynth.assets").joinpath("models", name)))

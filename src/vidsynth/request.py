@@ -1,0 +1,109 @@
+"""GenerationRequest: every setting of a generation, validated once, shared by the CLI, the Python API and HTTP.
+
+Fields left as None take the model's native defaults (`ModelDefaults`) when the request is resolved against a
+loaded model; the seed, when left out, is drawn then, so the resolved request says exactly what was made.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RequestError
+
+SCHEDULERS = ("ddim", "dpm++", "unipc", "euler")
+MAX_FRAMES = 256
+MAX_SIDE = 2048
+MAX_STEPS = 1000
+MAX_VIDEOS = 16
+MAX_PROMPTS = 16
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """A model's native settings: what it was trained for."""
+
+    frames: int = 16
+    height: int = 256
+    width: int = 256
+    steps: int = 50
+    guidance: float = 9.0
+    fps: int = 8
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class GenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: Union[str, list[str]] = Field(description="Text prompt, or a list of prompts (one batch of videos each).")
+    negative_prompt: str = Field("", description="What to steer away from; empty as in ModelScope's own pipeline.")
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="Video i of the request uses seed + i.")
+    frames: Optional[int] = Field(None, ge=1, le=MAX_FRAMES)
+    height: Optional[int] = Field(None, ge=8, le=MAX_SIDE, description="Pixels; a multiple of 8.")
+    width: Optional[int] = Field(None, ge=8, le=MAX_SIDE, description="Pixels; a multiple of 8.")
+    steps: Optional[int] = Field(None, ge=1, le=MAX_STEPS)
+    guidance: Optional[float] = Field(None, ge=0.0, le=100.0, allow_inf_nan=False)
+    scheduler: Literal["ddim", "dpm++", "unipc", "euler"] = "ddim"
+    eta: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="DDIM stochasticity (0 = deterministic).")
+    fps: Optional[int] = Field(None, ge=1, le=120)
+    num_videos: int = Field(1, ge=1, le=MAX_VIDEOS, description="Videos per prompt.")
+    allow_empty_prompt: bool = Field(False, description="Allow an empty prompt (unconditional generation).")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_list_size(cls, prompt):
+        if isinstance(prompt, list) and not 1 <= len(prompt) <= MAX_PROMPTS:
+            raise ValueError(f"give between 1 and {MAX_PROMPTS} prompts")
+        return prompt
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_8(cls, side):
+        if side is not None and side % 8:
+            raise ValueError(f"must be a multiple of 8 (the VAE works on 8x8 pixel blocks), got {side}")
+        return side
+
+    @model_validator(mode="after")
+    def _prompt_not_empty(self):
+        if not self.allow_empty_prompt and any(not p.strip() for p in self.prompts):
+            raise ValueError("prompt is empty; write a prompt, or set allow_empty_prompt for unconditional generation")
+        return self
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @property
+    def total_videos(self) -> int:
+        return len(self.prompts) * self.num_videos
+
+    def resolve(self, defaults: ModelDefaults) -> "GenerationRequest":
+        """Fill every unset field from the model's defaults and draw a seed if none was given."""
+        filled = {name: getattr(defaults, name) for name in ("frames", "height", "width", "steps", "guidance", "fps")
+                  if getattr(self, name) is None}
+        if self.seed is None:
+            filled["seed"] = secrets.randbelow(2**32)
+        return self.model_copy(update=filled)
+
+    @classmethod
+    def create(cls, **fields) -> "GenerationRequest":
+        """Validate fields into a request; raise RequestError naming the first bad field."""
+        try:
+            return cls(**fields)
+        except ValidationError as exc:
+            raise request_error_from(exc) from None
+
+
+def request_error_from(exc: ValidationError) -> RequestError:
+    first = exc.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "prompt"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown setting"
+    return RequestError(field, message)

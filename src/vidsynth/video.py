@@ -1,0 +1,213 @@
+"""The result of a generation and the files it is written to.
+
+The format follows the extension: .mp4 (H.264, yuv420p, +faststart: plays in browsers), .webm (VP9), .gif, .npy
+(the exact uint8 frames, F x H x W x 3) or, with no extension, a folder of numbered PNGs. Every file is written
+to a temporary name beside the target and renamed into place, so a failure never leaves half a file. The
+generation settings go into the container's metadata (mp4, webm) and into a JSON sidecar (`<name>.json`, or
+`settings.json` inside a PNG folder).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import av
+import numpy as np
+from PIL import Image
+
+from .errors import OutputError
+
+VIDEO_FORMATS = {".mp4": "libx264", ".webm": "libvpx-vp9"}
+FILE_FORMATS = (*VIDEO_FORMATS, ".gif", ".npy")
+METADATA_KEY = "comment"
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class Video:
+    frames: np.ndarray  # uint8, frames x height x width x 3
+    fps: int = 8
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seed(self):
+        return self.settings.get("seed")
+
+    def save(self, path: PathLike) -> Path:
+        return write_video(path, self.frames, self.fps, self.settings)
+
+    def to_bytes(self, suffix: str = ".mp4") -> bytes:
+        with tempfile.TemporaryDirectory() as folder:
+            return write_video(Path(folder) / f"video{suffix}", self.frames, self.fps, self.settings, sidecar=False).read_bytes()
+
+    def _repr_html_(self) -> str:
+        data = base64.b64encode(self.to_bytes(".mp4")).decode("ascii")
+        height, width = self.frames.shape[1:3]
+        scale = max(1, 256 // max(height, width))  # small models make small videos; show them at a visible size
+        caption = self.settings.get("prompt", "")
+        return (f'<figure style="margin:0"><video controls autoplay loop muted playsinline width="{width * scale}" '
+                f'height="{height * scale}" src="data:video/mp4;base64,{data}"></video>'
+                f'<figcaption>{_html_escape(caption)} (seed {self.seed})</figcaption></figure>')
+
+    def __repr__(self) -> str:
+        frames, height, width = self.frames.shape[:3]
+        return f"Video({frames} frames, {width}x{height}, {self.fps} fps, seed={self.seed}, prompt={self.settings.get('prompt')!r})"
+
+
+def _html_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def output_kind(path: PathLike) -> str:
+    """The output format a path asks for, or OutputError when the extension is unknown."""
+    suffix = Path(path).suffix.lower()
+    if suffix == "":
+        return "png"
+    if suffix not in FILE_FORMATS:
+        raise OutputError(f"unknown output extension {suffix!r}; use one of {', '.join(FILE_FORMATS)}, "
+                          f"or a name without extension for a folder of PNG frames")
+    return suffix.lstrip(".")
+
+
+def check_output_path(path: PathLike) -> Path:
+    """Fail before any work is done if `path` cannot be written."""
+    path = Path(path).expanduser()
+    output_kind(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"output directory {parent} is not writable")
+    if path.is_dir() and output_kind(path) != "png":
+        raise OutputError(f"{path} is a directory")
+    if output_kind(path) == "png" and path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise OutputError(f"{path} already exists and is not an empty folder")
+    return path
+
+
+def sidecar_path(path: Path) -> Path:
+    return path / "settings.json" if output_kind(path) == "png" else path.with_suffix(".json")
+
+
+def write_video(path: PathLike, frames: np.ndarray, fps: int, settings: dict, *, sidecar: bool = True) -> Path:
+    path = check_output_path(path)
+    kind = output_kind(path)
+    frames = np.ascontiguousarray(frames, dtype=np.uint8)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 frames x height x width x 3, got shape {frames.shape}")
+    if kind == "png":
+        _write_png_folder(path, frames, settings if sidecar else None)
+        return path
+    with _atomic(path) as temporary:
+        if kind in ("mp4", "webm"):
+            _encode(temporary, frames, fps, VIDEO_FORMATS[path.suffix.lower()], settings, kind)
+        elif kind == "gif":
+            images = [Image.fromarray(frame) for frame in frames]
+            images[0].save(temporary, format="GIF", save_all=True, append_images=images[1:],
+                           duration=round(1000 / fps), loop=0)
+        else:
+            with open(temporary, "wb") as handle:
+                np.save(handle, frames)
+    if sidecar:
+        with _atomic(sidecar_path(path)) as temporary:
+            Path(temporary).write_text(json.dumps(settings, indent=2) + "\n")
+    return path
+
+
+class _atomic:
+    """A temporary file beside `path` that replaces it on success and disappears on failure."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> str:
+        handle, self.temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=f".part{self.path.suffix}",
+                                                  dir=self.path.parent)
+        os.close(handle)
+        return self.temporary
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            os.replace(self.temporary, self.path)
+        else:
+            Path(self.temporary).unlink(missing_ok=True)
+
+
+def _encode(path: str, frames: np.ndarray, fps: int, codec: str, settings: dict, kind: str) -> None:
+    # H.264 yuv420p needs even sides; the models make multiples of 8, but frames given by hand may not be.
+    frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode="edge")
+    options = {"movflags": "+faststart"} if kind == "mp4" else {}
+    with av.open(path, mode="w", format=kind, options=options) as container:
+        container.metadata[METADATA_KEY] = json.dumps(settings, separators=(",", ":"))
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "18"} if codec == "libx264" else {"crf": "24", "b": "0"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _write_png_folder(path: Path, frames: np.ndarray, settings: dict | None) -> None:
+    temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
+    try:
+        for index, frame in enumerate(frames):
+            Image.fromarray(frame).save(temporary / f"{index:04d}.png")
+        if settings is not None:
+            (temporary / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+        if path.exists():
+            path.rmdir()  # check_output_path allowed only an empty folder
+        os.replace(temporary, path)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def read_settings(path: PathLike) -> dict:
+    """The generation settings stored with a video: its container metadata, else its JSON sidecar."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise OutputError(f"{path} does not exist")
+    if path.suffix.lower() == ".json":
+        return _read_json(path)
+    if path.suffix.lower() in VIDEO_FORMATS:
+        try:
+            with av.open(str(path)) as container:
+                stored = container.metadata.get(METADATA_KEY)
+        except av.FFmpegError as exc:
+            raise OutputError(f"{path} is not a readable video: {exc}") from None
+        if stored:
+            try:
+                return json.loads(stored)
+            except json.JSONDecodeError:
+                pass
+    sidecar = sidecar_path(path)
+    if sidecar.is_file():
+        return _read_json(sidecar)
+    raise OutputError(f"{path} carries no vidsynth settings (no metadata and no {sidecar.name})")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OutputError(f"{path} is not valid JSON: {exc}") from None
+
+
+def read_frames(path: PathLike) -> tuple[np.ndarray, float]:
+    """Decode a video file (any format PyAV reads) to uint8 frames and its frame rate."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        rate = float(stream.average_rate or stream.guessed_rate or 0)
+    return np.stack(frames), rate
+
