@@ -131,6 +131,8 @@ def load_components(reference: Optional[str] = None, *, dtype: torch.dtype = tor
     else:
         raise ModelError(f"{folder} is neither a diffusers-layout model folder (no {DIFFUSERS_INDEX}) nor a "
                          f"ModelScope-layout one (no {modelscope_format.CONFIG_FILE})")
+    for name in ("unet", "vae", "text_encoder"):
+        parts[name].eval().requires_grad_(False)  # built modules start in training mode, with dropout on
     defaults = location.known.defaults if location.known else read_defaults(folder, parts)
     return Components(**parts, defaults=defaults, name=location.name, source={"path": str(folder), "layout": layout})
 

@@ -224,7 +224,10 @@ def text_encoder_from_state(state: dict) -> tuple[CLIPTextModel, dict]:
                   if k in ("token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias")
                   or (k.startswith("transformer.resblocks.") and int(k.split(".")[2]) < layers)}
     model = CLIPTextModel(config)
-    return model, convert_open_clip_checkpoint(model, text_state, prefix="")
+    converted = convert_open_clip_checkpoint(model, text_state, prefix="")
+    if not any(key.startswith("text_model.") for key in model.state_dict()):  # transformers 5 drops the prefix
+        converted = {key.removeprefix("text_model."): value for key, value in converted.items()}
+    return model, converted
 
 
 def _bytes_to_unicode() -> dict[int, str]:

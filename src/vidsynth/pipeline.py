@@ -55,7 +55,7 @@ class Pipeline:
         self.decode_chunk = decode_chunk
         self.models = (components.text_encoder, components.unet, components.vae)
         for module in self.models:
-            module.to(dtype=dtype).eval().requires_grad_(False)
+            module.to(dtype=dtype)
         if forward_chunking:
             components.unet.enable_forward_chunking(chunk_size=1, dim=1)
         if self.offload == "sequential":

@@ -1,0 +1,117 @@
+"""A tiny ModelScope-layout checkpoint built from ModelScope's own classes: vidsynth's conversion must reproduce
+ModelScope's text embedding, UNet output, decoded frames, and a whole DDIM generation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import vidsynth
+from vidsynth.loading import load_components
+from vidsynth.pipeline import initial_noise
+from reference_code import (modelscope_module, modelscope_text_embedding, open_clip_tokenizer,
+                            open_clip_transformer)
+from conftest import randomize
+
+MODEL_CFG = {
+    "unet_in_dim": 4, "unet_dim": 32, "unet_y_dim": 768, "unet_context_dim": 1024, "unet_out_dim": 4,
+    "unet_dim_mult": [1, 2, 2], "unet_num_heads": 8, "unet_head_dim": 16, "unet_res_blocks": 2,
+    "unet_attn_scales": [1, 0.5], "unet_dropout": 0.1, "temporal_attention": "True",
+    "num_timesteps": 1000, "mean_type": "eps", "var_type": "fixed_small", "loss_type": "mse",
+}
+AE_CONFIG = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+             "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """ModelScope's modules with random weights, and the same weights saved as a ModelScope-layout folder."""
+    folder = tmp_path_factory.mktemp("modelscope-layout")
+    unet_sd, autoencoder = modelscope_module("unet_sd"), modelscope_module("autoencoder")
+    cfg = MODEL_CFG
+    unet = randomize(unet_sd.UNetSD(
+        in_dim=cfg["unet_in_dim"], dim=cfg["unet_dim"], y_dim=cfg["unet_y_dim"], context_dim=cfg["unet_context_dim"],
+        out_dim=cfg["unet_out_dim"], dim_mult=cfg["unet_dim_mult"], num_heads=cfg["unet_num_heads"],
+        head_dim=cfg["unet_head_dim"], num_res_blocks=cfg["unet_res_blocks"], attn_scales=cfg["unet_attn_scales"],
+        dropout=cfg["unet_dropout"], temporal_attention=True), 11)
+    vae = randomize(autoencoder.AutoencoderKL(AE_CONFIG, 4), 12)
+    text = randomize(open_clip_transformer().TextTransformer(width=1024, heads=16, layers=2, output_dim=1024), 13)
+
+    torch.save(unet.state_dict(), folder / "text2video_pytorch_model.pth")
+    torch.save({"state_dict": {f"first_stage_model.{k}": v for k, v in vae.state_dict().items()},
+                "global_step": 1}, folder / "VQGAN_autoencoder.pth")
+    clip_state = dict(text.state_dict())
+    clip_state.update({"visual.conv1.weight": torch.zeros(8, 3, 14, 14), "logit_scale": torch.tensor(4.6)})
+    torch.save(clip_state, folder / "open_clip_pytorch_model.bin")
+    (folder / "configuration.json").write_text(json.dumps({
+        "framework": "pytorch", "task": "text-to-video-synthesis",
+        "model": {"type": "latent-text-to-video-synthesis", "model_cfg": cfg, "model_args": {
+            "ckpt_clip": "open_clip_pytorch_model.bin", "ckpt_unet": "text2video_pytorch_model.pth",
+            "ckpt_autoencoder": "VQGAN_autoencoder.pth", "max_frames": 16, "tiny_gpu": 1}},
+    }))
+    return {"folder": folder, "unet": unet, "vae": vae, "text": text}
+
+
+@pytest.fixture(scope="module")
+def converted(reference):
+    return load_components(str(reference["folder"]))
+
+
+def test_tokenizer_matches_open_clip(converted):
+    prompts = ["A car flying in space.", "Hello, WORLD!!  naive cafe 123", "", "a " * 100]
+    expected = open_clip_tokenizer()(prompts, context_length=77)
+    ours = converted.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    assert torch.equal(ours.input_ids, expected)
+
+
+def test_text_embedding_matches(reference, converted):
+    ids = open_clip_tokenizer()(["a red circle moving left", ""], context_length=77)
+    with torch.no_grad():
+        expected = modelscope_text_embedding(reference["text"], ids)
+        ours = converted.text_encoder(ids).last_hidden_state
+    assert converted.text_encoder.config.num_hidden_layers == 1  # penultimate of 2
+    assert (ours - expected).abs().max() <= 1e-4
+
+
+def test_unet_output_matches(reference, converted):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 3, 16, 16, generator=generator)
+    context = torch.randn(1, 77, 1024, generator=generator)
+    t = torch.tensor([500])
+    with torch.no_grad():
+        expected = reference["unet"](x, t, context)
+        ours = converted.unet(x, t, encoder_hidden_states=context).sample
+    assert expected.abs().mean() > 0.01
+    assert (ours - expected).abs().max() <= 1e-4
+
+
+def test_decoded_frames_match(reference, converted):
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference["vae"].decode(z)
+        ours = converted.vae.decode(z).sample
+    assert ours.shape == expected.shape == (3, 3, 64, 64)
+    assert (ours - expected).abs().max() <= 1e-4
+
+
+def test_whole_generation_matches_modelscope_sampler(reference):
+    """ModelScope's own DDIM loop, UNet and decoder against vidsynth on the converted folder."""
+    diffusion = modelscope_module("diffusion")
+    seed, frames, steps, prompt = 7, 3, 5, "a blue square moving up"  # 5 steps divide 1000, as ModelScope assumes
+    ids = open_clip_tokenizer()([prompt, ""], context_length=77)
+    with torch.no_grad():
+        cond, uncond = modelscope_text_embedding(reference["text"], ids).chunk(2)
+        betas = diffusion.beta_schedule("linear_sd", 1000, init_beta=0.00085, last_beta=0.0120)
+        sampler = diffusion.GaussianDiffusion(betas=betas, mean_type="eps", var_type="fixed_small", loss_type="mse",
+                                              rescale_timesteps=False)
+        noise = initial_noise(torch.Generator("cpu").manual_seed(seed), frames, 8, 8)
+        x0 = sampler.ddim_sample_loop(noise=noise, model=reference["unet"], model_kwargs=[{"y": cond}, {"y": uncond}],
+                                      guide_scale=9.0, ddim_timesteps=steps, eta=0.0)
+        decoded = reference["vae"].decode((x0 / 0.18215)[0].permute(1, 0, 2, 3))
+    expected = ((decoded + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+    pipeline = vidsynth.load(str(reference["folder"]), device="cpu", dtype="float32")
+    video = pipeline(prompt, seed=seed, frames=frames, height=64, width=64, steps=steps, guidance=9.0, progress=False)
+    assert np.abs(video.frames / 255 - expected).max() <= 1 / 255
+    assert video.frames.std() > 5
