@@ -51,8 +51,8 @@ class ModelLocation:
     known: Optional[KnownModel] = None
 
 
-def locate(reference: Optional[str], *, half_precision: bool = False) -> ModelLocation:
-    """Turn a --model reference into a local folder, downloading into the hub cache when allowed."""
+def locate(reference: Optional[str], *, half_precision: bool = False, local_only: bool = False) -> ModelLocation:
+    """Turn a --model reference into a local folder, downloading into the hub cache unless `local_only`."""
     reference = reference or SHIPPED_MODEL
     known = KNOWN_MODELS.get(reference) or HUB_IDS.get(reference.removeprefix("modelscope:"))
     if known:
@@ -62,19 +62,19 @@ def locate(reference: Optional[str], *, half_precision: bool = False) -> ModelLo
             if not path.is_dir():
                 raise ModelError(f"the shipped model is missing from this installation ({path}); reinstall vidsynth")
         elif kind == "hf":
-            path = hf_snapshot(target, half_precision)
+            path = hf_snapshot(target, half_precision, local_only)
         else:
-            path = modelscope_snapshot(target)
+            path = modelscope_snapshot(target, local_only)
         return ModelLocation(path, known.alias, known)
     if reference.startswith("modelscope:"):
-        return ModelLocation(modelscope_snapshot(reference.split(":", 1)[1]), reference)
+        return ModelLocation(modelscope_snapshot(reference.split(":", 1)[1], local_only), reference)
     path = Path(reference).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelError(f"{reference} is a file; --model takes a model folder (diffusers or ModelScope layout)")
         return ModelLocation(path, path.name)
     if _looks_like_repo_id(reference):
-        return ModelLocation(hf_snapshot(reference, half_precision), reference)
+        return ModelLocation(hf_snapshot(reference, half_precision, local_only), reference)
     raise ModelError(f"model {reference!r} not found: no such folder, and not a known alias "
                      f"({', '.join(KNOWN_MODELS)}) or a hub id like owner/name")
 
@@ -84,7 +84,7 @@ def _looks_like_repo_id(reference: str) -> bool:
     return len(parts) == 2 and all(parts) and not reference.startswith((".", "~")) and os.sep not in reference.replace("/", "")
 
 
-def hf_snapshot(repo_id: str, half_precision: bool) -> Path:
+def hf_snapshot(repo_id: str, half_precision: bool, local_only: bool = False) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -95,6 +95,8 @@ def hf_snapshot(repo_id: str, half_precision: bool) -> Path:
         try:
             path = Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=ignore, local_files_only=True))
         except LocalEntryNotFoundError:
+            if local_only:
+                raise
             path = Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=ignore))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
         from huggingface_hub.constants import HF_HUB_CACHE
@@ -106,14 +108,14 @@ def hf_snapshot(repo_id: str, half_precision: bool) -> Path:
     return path
 
 
-def modelscope_snapshot(model_id: str) -> Path:
+def modelscope_snapshot(model_id: str, local_only: bool = False) -> Path:
     try:
         from modelscope.hub.snapshot_download import snapshot_download
     except ImportError:
         raise ModelError(f"fetching {model_id} from the ModelScope hub needs the optional extra: "
                          f"pip install 'vidsynth[modelscope]'; or download it and pass the folder as --model") from None
     try:
-        return Path(snapshot_download(model_id))
+        return Path(snapshot_download(model_id, local_files_only=local_only))
     except Exception as exc:  # the modelscope client raises many unrelated types for a failed download
         raise ModelUnavailableError(
             f"{model_id} could not be fetched from the ModelScope hub ({type(exc).__name__}: {exc}). Put its files "
@@ -192,3 +194,32 @@ def load_diffusers_components(folder: Path, dtype: torch.dtype) -> dict[str, Any
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def save_model_folder(components: Components, folder: Path, *, dtype: Optional[torch.dtype] = None) -> Path:
+    """Write `components` as a diffusers-layout folder of safetensors (loadable by vidsynth and by diffusers)."""
+    import diffusers
+
+    from .schedulers import MODELSCOPE_SCHEDULE
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("unet", "vae", "text_encoder"):
+        module = getattr(components, name)
+        original = next(module.parameters()).dtype
+        module.to(dtype or original).save_pretrained(folder / name, safe_serialization=True)
+        module.to(original)
+    components.tokenizer.save_pretrained(folder / "tokenizer")
+    scheduler_dir = folder / "scheduler"
+    scheduler_dir.mkdir(exist_ok=True)
+    schedule = {"_class_name": "DDIMScheduler", "_diffusers_version": diffusers.__version__,
+                **(components.schedule or MODELSCOPE_SCHEDULE)}
+    (scheduler_dir / "scheduler_config.json").write_text(json.dumps(schedule, indent=2) + "\n")
+    index = {
+        "_class_name": "TextToVideoSDPipeline", "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet3DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / DIFFUSERS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    (folder / DEFAULTS_FILE).write_text(json.dumps({"defaults": components.defaults.as_dict()}, indent=2) + "\n")
+    return folder

@@ -1,0 +1,285 @@
+"""The `vidsynth` command. Exit codes: 0 success, 1 runtime failure, 2 usage error, 130 interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .devices import DEVICE_CHOICES, DTYPE_CHOICES
+from .errors import OutputError, RequestError, VidsynthError
+from .request import SCHEDULERS, GenerationRequest
+
+# GenerationRequest field -> the CLI flag that sets it, so errors name what the user typed.
+FLAGS = {
+    "prompt": "PROMPT", "negative_prompt": "--negative", "seed": "--seed", "frames": "--frames", "height": "--height",
+    "width": "--width", "steps": "--steps", "guidance": "--guidance", "scheduler": "--scheduler", "eta": "--eta",
+    "fps": "--fps", "num_videos": "--num-videos", "device": "--device", "dtype": "--dtype", "offload": "--offload",
+}
+REPLAYED = ("prompt", "negative_prompt", "seed", "frames", "height", "width", "steps", "guidance", "scheduler", "eta", "fps")
+
+
+class UsageError(VidsynthError):
+    exit_code = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.run(args) or 0
+    except RequestError as exc:
+        return _fail(f"{FLAGS.get(exc.field, exc.field)}: {exc.message}", exc.exit_code)
+    except VidsynthError as exc:
+        return _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        return _fail("interrupted; nothing was written", 130)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"vidsynth: error: {message}", file=sys.stderr)
+    return code
+
+
+def _quiet_libraries() -> None:
+    warnings.showwarning = lambda message, category, *rest: print(f"vidsynth: warning: {message}", file=sys.stderr)
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    for name in ("diffusers", "transformers", "huggingface_hub", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import diffusers.utils.logging
+    import transformers.utils.logging
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vidsynth", description="Text-to-video with ModelScope-architecture models.")
+    parser.add_argument("--version", action="version", version=f"vidsynth {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    generate = commands.add_parser("generate", help="make videos from a prompt")
+    generate.add_argument("prompt", nargs="*", help="the prompt (several words are joined); give several with --prompt")
+    generate.add_argument("--prompt", dest="extra_prompts", action="append", default=[], metavar="TEXT",
+                          help="another prompt (repeatable): each makes its own video(s)")
+    generate.add_argument("-o", "--output", help="output file: .mp4 .webm .gif .npy, or a folder for PNG frames "
+                          "(default: a name from the prompt and seed, as .mp4)")
+    generate.add_argument("--from", dest="replay", metavar="FILE", help="re-run the settings stored in a video or JSON sidecar")
+    generate.add_argument("--model", help="alias, folder or hub id (default: the shipped model)")
+    generate.add_argument("--negative", dest="negative_prompt")
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--frames", type=int)
+    generate.add_argument("--height", type=int)
+    generate.add_argument("--width", type=int)
+    generate.add_argument("--steps", type=int)
+    generate.add_argument("--guidance", type=float)
+    generate.add_argument("--scheduler", choices=SCHEDULERS)
+    generate.add_argument("--eta", type=float)
+    generate.add_argument("--fps", type=int)
+    generate.add_argument("--num-videos", type=int, default=1)
+    generate.add_argument("--allow-empty-prompt", action="store_true", help="allow unconditional generation")
+    _add_runtime_options(generate)
+    generate.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    generate.set_defaults(run=run_generate)
+
+    convert = commands.add_parser("convert", help="write any model as a diffusers-layout folder of safetensors")
+    convert.add_argument("source", help="alias, folder (diffusers or ModelScope layout) or hub id")
+    convert.add_argument("destination", help="new folder")
+    convert.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    convert.set_defaults(run=run_convert)
+
+    info = commands.add_parser("info", help="print the settings a video was made with")
+    info.add_argument("file")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(run=run_info)
+
+    models = commands.add_parser("models", help="list known model aliases and what is available locally")
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(run=run_models)
+
+    train = commands.add_parser("train", help="train a model (from scratch or fine-tuning) and checkpoint it")
+    train.add_argument("--out", required=True, help="run folder; the model is written to OUT/model")
+    train.add_argument("--architecture", help="size preset for training from scratch: tiny (default), micro")
+    train.add_argument("--init", help="fine-tune this model (alias, folder or hub id) instead of starting from scratch")
+    train.add_argument("--data", default="procedural", help="'procedural' (default) or a folder of videos with <name>.txt captions")
+    train.add_argument("--steps", type=int, default=4000, help="UNet steps")
+    train.add_argument("--vae-steps", type=int, default=1500)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--lr", type=float, default=5e-4)
+    train.add_argument("--checkpoint-every", type=int, default=250)
+    train.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this long")
+    train.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    train.add_argument("--device", default="auto")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--no-resume", dest="resume", action="store_false", help="start over even if OUT has a checkpoint")
+    train.set_defaults(run=run_train)
+    return parser
+
+
+def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    parser.add_argument("--offload", default="none", choices=("none", "model", "sequential"),
+                        help="keep weights on the CPU and move them to the GPU as needed (for small GPUs)")
+    parser.add_argument("--forward-chunking", action="store_true", help="run feed-forward layers in chunks (less memory)")
+
+
+# ------------------------------------------------------------------------------------------------------- generate
+
+def request_from_args(args) -> tuple[GenerationRequest, str | None]:
+    """The validated request and model the arguments (and --from file) describe."""
+    from .video import read_settings
+    fields, model = {}, None
+    if args.replay:
+        stored = read_settings(args.replay)
+        fields = {key: stored[key] for key in REPLAYED if key in stored}
+        model = stored.get("model")
+    prompts = ([" ".join(args.prompt)] if args.prompt else []) + args.extra_prompts
+    if prompts:
+        fields["prompt"] = prompts[0] if len(prompts) == 1 else prompts
+    elif "prompt" not in fields:
+        if not args.allow_empty_prompt:
+            raise UsageError("give a prompt (or --from FILE, or --allow-empty-prompt for unconditional generation)")
+        fields["prompt"] = ""
+    for name in ("negative_prompt", "seed", "frames", "height", "width", "steps", "guidance", "scheduler", "eta", "fps"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    fields["num_videos"] = args.num_videos
+    fields["allow_empty_prompt"] = args.allow_empty_prompt
+    return GenerationRequest.create(**fields), args.model or model
+
+
+def output_paths(output: str | None, videos) -> list[Path]:
+    if output is None:
+        return [Path(f"{_slug(v.settings['prompt'])}-{v.seed}.mp4") for v in videos]
+    path = Path(output)
+    if len(videos) == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{index + 1}{path.suffix}") for index in range(len(videos))]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "video"
+
+
+def run_generate(args) -> int:
+    from .pipeline import load
+    from .progress import ProgressBar
+    from .video import check_output_path
+
+    request, model = request_from_args(args)
+    check_output_path(args.output or "video.mp4")  # fail on a bad path before loading anything
+    if args.output and request.total_videos > 1:
+        for path in output_paths(args.output, [None] * request.total_videos):
+            check_output_path(path)
+    _status(f"loading {model or 'the shipped model'}...", args)
+    pipeline = load(model, device=args.device, dtype=args.dtype, offload=args.offload,
+                    forward_chunking=args.forward_chunking)
+    with ProgressBar(disable=args.json or None) as bar:
+        videos = pipeline.generate(request, bar)
+    results = []
+    for video, path in zip(videos, output_paths(args.output, videos)):
+        written = video.save(path)
+        results.append({"path": str(written), "settings": video.settings})
+        _status(f"wrote {written} (seed {video.seed})", args)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def _status(message: str, args) -> None:
+    if not getattr(args, "json", False):
+        print(message, file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------ other commands
+
+def run_convert(args) -> int:
+    import shutil
+    import tempfile
+
+    import torch
+
+    from .loading import load_components, save_model_folder
+
+    destination = Path(args.destination)
+    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+        raise OutputError(f"{destination} already exists and is not an empty folder")
+    if not destination.parent.is_dir():
+        raise OutputError(f"output directory {destination.parent} does not exist")
+    components = load_components(args.source)
+    partial = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    try:
+        save_model_folder(components, partial, dtype=getattr(torch, args.dtype))
+        if destination.exists():
+            destination.rmdir()
+        partial.rename(destination)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    print(f"wrote {destination} (diffusers layout, {args.dtype})", file=sys.stderr)
+    return 0
+
+
+def run_info(args) -> int:
+    from .video import VIDEO_FORMATS, read_settings
+    settings = read_settings(args.file)
+    details = {}
+    if Path(args.file).suffix.lower() in VIDEO_FORMATS:
+        import av
+        with av.open(args.file) as container:
+            stream = container.streams.video[0]
+            details = {"codec": stream.codec_context.name, "pix_fmt": stream.codec_context.pix_fmt,
+                       "frames_in_file": stream.frames, "size_in_file": f"{stream.width}x{stream.height}",
+                       "fps_in_file": float(stream.average_rate)}
+    if args.json:
+        print(json.dumps({"settings": settings, "file": details}, indent=2))
+    else:
+        for key, value in {**settings, **details}.items():
+            print(f"{key:18s} {value}")
+    return 0
+
+
+def run_models(args) -> int:
+    from .loading import locate
+    from .registry import KNOWN_MODELS
+    rows = []
+    for model in KNOWN_MODELS.values():
+        try:
+            path = str(locate(model.alias, local_only=True).path)
+        except VidsynthError:
+            path = None
+        rows.append({"alias": model.alias, "source": model.source, "local_path": path,
+                     "defaults": model.defaults.as_dict(), "description": model.description})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        d = row["defaults"]
+        where = row["local_path"] or "not downloaded"
+        print(f"{row['alias']:20s} {d['frames']} frames {d['width']}x{d['height']}, {d['steps']} steps  "
+              f"[{where}]\n{'':20s} {row['description']}")
+    return 0
+
+
+def run_train(args) -> int:
+    from .train import TrainOptions, train
+    options = TrainOptions(out=Path(args.out), architecture=args.architecture, init=args.init, data=args.data,
+                           steps=args.steps, vae_steps=args.vae_steps, batch_size=args.batch_size, lr=args.lr,
+                           checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
+                           precision=args.precision, device=args.device, seed=args.seed, resume=args.resume)
+    path = train(options)
+    print(f"model written to {path} (use it with --model {path})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

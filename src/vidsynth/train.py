@@ -1,0 +1,373 @@
+"""Training a ModelScope-architecture model: from scratch (VAE, then UNet and text encoder) or by fine-tuning.
+
+The models are the same diffusers classes the pipeline runs, in smaller sizes. A run folder holds one checkpoint,
+`model/`: the EMA weights in diffusers layout (so `--model RUN/model` generates with it) plus `model/training/` with
+what resuming needs. Checkpoints are written beside the old one and swapped in, so a failure keeps the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet3DConditionModel
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_model, save_model
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from .data import ProceduralClips, VideoFolder
+from .devices import resolve_device
+from .errors import VidsynthError
+from .loading import Components, load_components, save_model_folder
+from .modelscope_format import openclip_tokenizer
+from .request import ModelDefaults
+from .schedulers import MODELSCOPE_SCHEDULE
+
+CHECKPOINT = "model"
+VAE_FRAMES_PER_STEP = 32  # the VAE sees single frames; a random subset of the batch's frames is plenty
+TRAINING_STATE = "training"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The sizes of a model trained from scratch. `vae_channels` has one entry per VAE level (f = 2**(levels-1))."""
+
+    frames: int
+    size: int
+    unet_channels: tuple[int, ...]
+    head_dim: int
+    text_width: int
+    text_layers: int
+    vae_channels: tuple[int, ...]
+    unet_layers: int = 1
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae_channels) - 1)
+
+
+ARCHITECTURES = {
+    # the shipped model: 16 frames at 64x64, 8x8 latents, ~2.7M UNet parameters
+    "tiny": Architecture(frames=16, size=64, unet_channels=(32, 64, 64), head_dim=16, text_width=64, text_layers=2,
+                         vae_channels=(32, 32, 64, 64)),
+    # for tests: seconds per step
+    "micro": Architecture(frames=4, size=32, unet_channels=(32, 32), head_dim=8, text_width=32, text_layers=1,
+                          vae_channels=(32, 32)),
+}
+
+
+@dataclass
+class TrainOptions:
+    out: Path
+    architecture: Optional[str] = None  # a key of ARCHITECTURES; default "tiny" from scratch, the model's own when fine-tuning
+    init: Optional[str] = None  # fine-tune this model (any --model reference) instead of training from scratch
+    data: str = "procedural"  # or a folder of videos with captions
+    steps: int = 4000  # UNet steps
+    vae_steps: int = 1500
+    batch_size: int = 8
+    lr: float = 5e-4
+    vae_lr: float = 1e-3
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    offset_noise: float = 0.1
+    checkpoint_every: int = 250
+    max_minutes: Optional[float] = None
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    device: str = "auto"
+    seed: int = 0
+    resume: bool = True
+    defaults: dict = field(default_factory=dict)  # sampling defaults stored with the model
+
+
+def build_components(arch: Architecture) -> Components:
+    levels = len(arch.unet_channels)
+    down = ("CrossAttnDownBlock3D",) * (levels - 1) + ("DownBlock3D",)
+    unet = UNet3DConditionModel(
+        sample_size=arch.size // arch.vae_factor, block_out_channels=arch.unet_channels, layers_per_block=arch.unet_layers,
+        cross_attention_dim=arch.text_width, attention_head_dim=arch.head_dim, down_block_types=down,
+        up_block_types=tuple(t.replace("Down", "Up") for t in reversed(down)), norm_num_groups=32)
+    vae = AutoencoderKL(
+        block_out_channels=arch.vae_channels, down_block_types=("DownEncoderBlock2D",) * len(arch.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(arch.vae_channels), latent_channels=4, layers_per_block=1,
+        norm_num_groups=32, sample_size=arch.size)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=arch.text_width, intermediate_size=4 * arch.text_width,
+        num_hidden_layers=arch.text_layers, num_attention_heads=max(1, arch.text_width // 32),
+        max_position_embeddings=77, hidden_act="gelu", projection_dim=arch.text_width, pad_token_id=0,
+        bos_token_id=49406, eos_token_id=49407))
+    defaults = ModelDefaults(frames=arch.frames, height=arch.size, width=arch.size, steps=20, guidance=4.0, fps=8)
+    return Components(tokenizer=openclip_tokenizer(), text_encoder=text_encoder, unet=unet, vae=vae, schedule=None,
+                      defaults=defaults, name="scratch")
+
+
+def architecture_of(components: Components) -> dict:
+    """The architecture-defining config of a model, for comparing a resumed or fine-tuned model with a request."""
+    unet, vae, text = components.unet.config, components.vae.config, components.text_encoder.config
+    return {"unet_channels": list(unet.block_out_channels), "head_dim": unet.attention_head_dim,
+            "unet_layers": unet.layers_per_block, "text_width": text.hidden_size, "text_layers": text.num_hidden_layers,
+            "vae_channels": list(vae.block_out_channels)}
+
+
+def _same_architecture(components: Components, arch: Architecture) -> bool:
+    wanted = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(arch).items() if k not in ("frames", "size")}
+    return architecture_of(components) == wanted
+
+
+class Trainer:
+    def __init__(self, options: TrainOptions):
+        self.options = options
+        self.device = resolve_device(options.device)
+        self.autocast_dtype, self.scaler = self._precision(options.precision)
+        self.run_dir = Path(options.out)
+        self.checkpoint_dir = self.run_dir / CHECKPOINT
+        self.progress = {"vae_step": 0, "step": 0, "seconds": 0.0}
+        torch.manual_seed(options.seed)
+        self.components, self.arch = self._initial_components()
+        self.fine_tuning = options.init is not None
+        self.data = self._data()
+        self.unet, self.vae, self.text_encoder = self.components.unet, self.components.vae, self.components.text_encoder
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(self.device)
+        # Fine-tuning reuses the VAE and text encoder as they are; from scratch, all three are trained.
+        self.trained = [self.unet] if self.fine_tuning else [self.unet, self.text_encoder]
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.requires_grad_(module is self.unet or not self.fine_tuning)
+        self.parameters = [p for module in self.trained for p in module.parameters()]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=options.lr, weight_decay=0.01)
+        self.vae_optimizer = torch.optim.AdamW(self.vae.parameters(), lr=options.vae_lr)
+        self.ema = EMAModel(self.parameters, decay=options.ema_decay, use_ema_warmup=True, power=0.75)
+        self.noise_schedule = DDPMScheduler.from_config(self.components.schedule or MODELSCOPE_SCHEDULE)
+        if self._resuming:
+            self._load_training_state()
+
+    # ------------------------------------------------------------------------------------------------------- setup
+
+    def _precision(self, name: str):
+        if name not in ("auto", "fp32", "bf16", "fp16"):
+            raise VidsynthError(f"unknown precision {name!r}; choose auto, fp32, bf16 or fp16")
+        if name == "auto":
+            if self.device.type == "cuda":
+                name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            else:
+                from .devices import cpu_supports_bf16
+                name = "bf16" if cpu_supports_bf16() else "fp32"
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        scaler = torch.amp.GradScaler(self.device.type) if name == "fp16" else None
+        return dtype, scaler
+
+    @property
+    def _resuming(self) -> bool:
+        return self.options.resume and (self.checkpoint_dir / TRAINING_STATE / "progress.json").is_file()
+
+    def _initial_components(self) -> tuple[Components, Architecture]:
+        options = self.options
+        requested = ARCHITECTURES.get(options.architecture or "tiny")
+        if requested is None:
+            raise VidsynthError(f"unknown architecture {options.architecture!r}; choose from {', '.join(ARCHITECTURES)}")
+        if self._resuming:
+            saved = json.loads((self.checkpoint_dir / TRAINING_STATE / "progress.json").read_text())
+            if options.architecture and saved["architecture_name"] != options.architecture:
+                raise VidsynthError(f"{self.checkpoint_dir} was trained as {saved['architecture_name']!r}, not "
+                                    f"{options.architecture!r}; use another --out or the same architecture")
+            self.progress = saved["progress"]
+            options.init = saved["init"]
+            arch = Architecture(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["architecture"].items()})
+            components = load_components(str(self.checkpoint_dir))
+            return components, arch
+        if options.init:
+            components = load_components(options.init)
+            if options.architecture and not _same_architecture(components, requested):
+                raise VidsynthError(f"--init model {options.init} does not have the {options.architecture!r} "
+                                    f"architecture ({architecture_of(components)}); drop --architecture to fine-tune it as it is")
+            defaults = components.defaults
+            arch = Architecture(frames=defaults.frames, size=defaults.height, vae_channels=tuple(components.vae.config.block_out_channels),
+                                **{k: tuple(v) if isinstance(v, list) else v for k, v in architecture_of(components).items()
+                                   if k != "vae_channels"})
+            return components, arch
+        return build_components(requested), requested
+
+    def _data(self):
+        if self.options.data == "procedural":
+            return ProceduralClips(self.arch.frames, self.arch.size, seed=self.options.seed + self.progress["step"])
+        return VideoFolder(Path(self.options.data), self.arch.frames, self.arch.size, seed=self.options.seed)
+
+    def _batch(self) -> tuple[torch.Tensor, list[str]]:
+        clips, captions = zip(*(self.data.sample() for _ in range(self.options.batch_size)))
+        video = torch.from_numpy(np.stack(clips)).to(self.device)  # batch x frames x H x W x 3, uint8
+        return video.permute(0, 1, 4, 2, 3).float() / 127.5 - 1, list(captions)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    # ----------------------------------------------------------------------------------------------------- stages
+
+    def run(self) -> Path:
+        self.started = time.monotonic()
+        self.seconds_before = self.progress["seconds"]
+        try:
+            if not self.fine_tuning and self.progress["vae_step"] < self.options.vae_steps:
+                self.train_vae()
+            if not self._out_of_time():
+                self.train_unet()
+        except KeyboardInterrupt:
+            self.save_checkpoint()
+            raise
+        self.save_checkpoint()
+        return self.checkpoint_dir
+
+    def _out_of_time(self) -> bool:
+        limit = self.options.max_minutes
+        return limit is not None and time.monotonic() - self.started >= limit * 60
+
+    def train_vae(self) -> None:
+        """Stage 1: the autoencoder, on single frames: reconstruction plus a small KL term."""
+        self.vae.train()
+        bar = tqdm(total=self.options.vae_steps, initial=self.progress["vae_step"], desc="VAE", unit="step")
+        while self.progress["vae_step"] < self.options.vae_steps and not self._out_of_time():
+            video, _ = self._batch()
+            frames = video.flatten(0, 1)
+            frames = frames[torch.randperm(len(frames), device=self.device)[:VAE_FRAMES_PER_STEP]]
+            with self._autocast():
+                posterior = self.vae.encode(frames).latent_dist
+                reconstruction = self.vae.decode(posterior.sample()).sample
+            loss = F.mse_loss(reconstruction.float(), frames) + 1e-6 * posterior.kl().mean()
+            self.vae_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.vae_optimizer.step()
+            self.progress["vae_step"] += 1
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if self.progress["vae_step"] % self.options.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        self.vae.eval()
+        self._set_latent_scale()
+
+    @torch.no_grad()
+    def _set_latent_scale(self) -> None:
+        # As in Stable Diffusion: scale latents to unit variance so the noise schedule fits them.
+        video, _ = self._batch()
+        latents = self.vae.encode(video.flatten(0, 1)).latent_dist.sample()
+        self.vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+
+    @torch.no_grad()
+    def _encode(self, video: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, list[str]]:
+        batch, frames = video.shape[:2]
+        with self._autocast():
+            latents = self.vae.encode(video.flatten(0, 1)).latent_dist.sample().float()
+        latents = latents * self.vae.config.scaling_factor
+        latents = latents.unflatten(0, (batch, frames)).permute(0, 2, 1, 3, 4)  # batch x 4 x frames x h x w
+        dropped = torch.rand(batch).tolist()
+        captions = ["" if r < self.options.caption_dropout else c for r, c in zip(dropped, captions)]
+        return latents, captions
+
+    def train_unet(self) -> None:
+        """Stage 2: the denoiser (and, from scratch, the text encoder) on epsilon prediction."""
+        self.vae.eval()
+        for module in self.trained:
+            module.train()
+        tokenizer = self.components.tokenizer
+        bar = tqdm(total=self.options.steps, initial=self.progress["step"], desc="UNet", unit="step")
+        while self.progress["step"] < self.options.steps and not self._out_of_time():
+            latents, captions = self._encode(*self._batch())
+            ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            noise = torch.randn_like(latents)
+            if self.options.offset_noise:
+                # A per-video, per-channel constant lets the model learn global colour (plain backgrounds).
+                noise += self.options.offset_noise * torch.randn(*latents.shape[:2], 1, 1, 1, device=self.device)
+            t = torch.randint(0, self.noise_schedule.config.num_train_timesteps, (len(latents),), device=self.device)
+            noisy = self.noise_schedule.add_noise(latents, noise, t)
+            warmup = min(1.0, (self.progress["step"] + 1) / 100)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.options.lr * warmup
+            with self._autocast(), torch.set_grad_enabled(not self.fine_tuning):
+                context = self.text_encoder(ids.to(self.device)).last_hidden_state
+            with self._autocast():
+                prediction = self.unet(noisy, t, encoder_hidden_states=context).sample
+            loss = F.mse_loss(prediction.float(), noise)
+            self._step(loss)
+            self.ema.step(self.parameters)
+            self.progress["step"] += 1
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if self.progress["step"] % self.options.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+
+    def _step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
+            self.optimizer.step()
+        if not math.isfinite(loss.item()):
+            raise VidsynthError(f"training diverged at step {self.progress['step']} (loss {loss.item()}); "
+                                f"lower --lr or use --precision fp32")
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> None:
+        """Write the checkpoint beside the current one, then swap; on any failure the previous one stays."""
+        self.progress["seconds"] = self.seconds_before + time.monotonic() - self.started
+        partial = self.run_dir / f".{CHECKPOINT}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.ema.store(self.parameters)
+            self.ema.copy_to(self.parameters)
+            try:
+                defaults = ModelDefaults(**{**self.components.defaults.as_dict(), **self.options.defaults})
+                self.components.defaults = defaults
+                save_model_folder(self.components, partial)
+            finally:
+                self.ema.restore(self.parameters)
+            state = partial / TRAINING_STATE
+            state.mkdir()
+            for name in ("unet", "text_encoder", "vae"):
+                save_model(getattr(self, name), str(state / f"{name}.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "vae_optimizer": self.vae_optimizer.state_dict(),
+                        "ema": self.ema.state_dict()}, state / "optimizer.pt")
+            (state / "progress.json").write_text(json.dumps({
+                "progress": self.progress, "architecture_name": self.options.architecture or ("tiny" if not self.fine_tuning else None),
+                "architecture": asdict(self.arch), "init": self.options.init,
+                "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.options).items()},
+            }, indent=2) + "\n")
+        except OSError as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise VidsynthError(f"could not write a checkpoint in {self.run_dir} ({exc.strerror or exc}); "
+                                f"the previous checkpoint is kept") from None
+        previous = self.run_dir / f".{CHECKPOINT}.previous"
+        shutil.rmtree(previous, ignore_errors=True)
+        if self.checkpoint_dir.exists():
+            os.replace(self.checkpoint_dir, previous)
+        os.replace(partial, self.checkpoint_dir)
+        shutil.rmtree(previous, ignore_errors=True)
+
+    def _load_training_state(self) -> None:
+        state = self.checkpoint_dir / TRAINING_STATE
+        for name in ("unet", "text_encoder", "vae"):
+            load_model(getattr(self, name), str(state / f"{name}.safetensors"), device=str(self.device))
+        saved = torch.load(state / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.vae_optimizer.load_state_dict(saved["vae_optimizer"])
+        self.ema.load_state_dict(saved["ema"])
+
+
+def train(options: TrainOptions) -> Path:
+    return Trainer(options).run()
