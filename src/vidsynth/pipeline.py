@@ -55,7 +55,8 @@ class Pipeline:
         self.decode_chunk = decode_chunk
         self.models = (components.text_encoder, components.unet, components.vae)
         for module in self.models:
-            module.to(dtype=dtype)
+            if next(module.parameters()).dtype != dtype:  # converted checkpoints arrive in float32
+                module.to(dtype=dtype)
         if forward_chunking:
             components.unet.enable_forward_chunking(chunk_size=1, dim=1)
         if self.offload == "sequential":

@@ -1,0 +1,115 @@
+"""Generation behaviour on a tiny random model: seeds, batching, samplers, progress, cancellation, failures."""
+
+import numpy as np
+import pytest
+import torch
+
+import vidsynth
+from vidsynth import Cancelled, GenerationRequest, NumericalError
+
+SMALL = dict(frames=3, height=32, width=32, steps=3)
+
+
+def frames_of(pipeline, prompt="a red circle moving left", **settings):
+    return pipeline(prompt, progress=False, **{**SMALL, **settings}).frames
+
+
+def test_same_seed_same_frames_different_seed_different_frames(tiny_pipeline):
+    first, again = frames_of(tiny_pipeline, seed=5), frames_of(tiny_pipeline, seed=5)
+    assert np.array_equal(first, again)
+    assert np.abs(first.astype(int) - frames_of(tiny_pipeline, seed=6)).mean() > 5
+
+
+def test_video_i_uses_seed_plus_i_and_prompts_batch(tiny_pipeline):
+    videos = tiny_pipeline(["a red circle", "a blue square"], num_videos=2, seed=10, progress=False, **SMALL)
+    assert [v.seed for v in videos] == [10, 11, 12, 13]
+    assert [v.settings["prompt"] for v in videos] == ["a red circle"] * 2 + ["a blue square"] * 2
+    assert np.array_equal(videos[1].frames, frames_of(tiny_pipeline, "a red circle", seed=11))
+    assert np.array_equal(videos[3].frames, frames_of(tiny_pipeline, "a blue square", seed=13))
+
+
+def test_seed_left_out_is_drawn_and_recorded(tiny_pipeline):
+    video = tiny_pipeline("a red circle", progress=False, **SMALL)
+    assert isinstance(video.seed, int) and video.seed >= 0
+    assert np.array_equal(video.frames, frames_of(tiny_pipeline, "a red circle", seed=video.seed))
+    expected_keys = {"prompt", "negative_prompt", "seed", "steps", "guidance", "scheduler", "eta", "frames", "height",
+                     "width", "fps", "model", "dtype", "vidsynth_version"}
+    assert set(video.settings) == expected_keys
+
+
+def test_negative_prompt_changes_the_video(tiny_pipeline):
+    plain = frames_of(tiny_pipeline, seed=1)
+    assert not np.array_equal(plain, frames_of(tiny_pipeline, seed=1, negative_prompt="blurry"))
+
+
+@pytest.mark.parametrize("scheduler", ["dpm++", "unipc", "euler"])
+def test_other_samplers_run_deterministically(tiny_pipeline, scheduler):
+    video = frames_of(tiny_pipeline, seed=3, scheduler=scheduler)
+    assert np.array_equal(video, frames_of(tiny_pipeline, seed=3, scheduler=scheduler))
+    assert not np.array_equal(video, frames_of(tiny_pipeline, seed=3))
+
+
+def test_eta_adds_seeded_noise(tiny_pipeline):
+    stochastic = frames_of(tiny_pipeline, seed=3, eta=1.0)
+    assert np.array_equal(stochastic, frames_of(tiny_pipeline, seed=3, eta=1.0))
+    assert not np.array_equal(stochastic, frames_of(tiny_pipeline, seed=3, eta=0.0))
+
+
+def test_events_cover_every_phase_in_order(tiny_pipeline):
+    events = []
+    tiny_pipeline("a red circle", callback=events.append, num_videos=2, seed=0, **SMALL)
+    phases = [e.phase for e in events]
+    assert phases[0] == "encode" and phases[-1] == "done"
+    assert [e.step for e in events if e.phase == "denoise" and e.video == 1] == [1, 2, 3]
+    assert "decode" in phases
+    progress = [e.progress for e in events]
+    assert progress == sorted(progress) and progress[-1] == 1.0
+
+
+def test_cancel_from_the_callback_stops_within_one_step(tiny_pipeline):
+    seen = []
+
+    def cancel_at_step_two(event):
+        seen.append(event)
+        if event.phase == "denoise" and event.step == 2:
+            raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        tiny_pipeline("a red circle", callback=cancel_at_step_two, seed=0, **{**SMALL, "steps": 10})
+    denoise_steps = [e.step for e in seen if e.phase == "denoise"]
+    assert denoise_steps == [1, 2]
+
+
+def test_nan_is_reported_with_a_remedy_not_written(tiny_model_dir):
+    pipeline = vidsynth.load(str(tiny_model_dir), device="cpu", dtype="float32")
+    with torch.no_grad():
+        pipeline.components.unet.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(NumericalError, match="--dtype float32"):
+        pipeline("a red circle", progress=False, seed=0, **SMALL)
+
+
+def test_fast_paths_match_the_plain_path(tiny_model_dir, tiny_pipeline):
+    plain = frames_of(tiny_pipeline, seed=2)
+    chunked = vidsynth.load(str(tiny_model_dir), device="cpu", dtype="float32", forward_chunking=True, decode_chunk=1)
+    # Chunked matrix products add in another order: equal up to float rounding, so at most one uint8 level apart.
+    assert np.abs(frames_of(chunked, seed=2).astype(int) - plain).max() <= 1
+
+
+def test_long_prompt_is_truncated_with_a_warning(tiny_pipeline):
+    long_prompt = "a red circle moving left " * 30
+    with pytest.warns(UserWarning, match="only the first 77"):
+        video = tiny_pipeline(long_prompt, progress=False, seed=0, **SMALL)
+    assert video.frames.shape == (3, 32, 32, 3)
+
+
+def test_bfloat16_runs_close_to_float32(tiny_model_dir, tiny_pipeline):
+    half = vidsynth.load(str(tiny_model_dir), device="cpu", dtype="bf16")
+    assert half.dtype == torch.bfloat16
+    difference = np.abs(frames_of(half, seed=4).astype(int) - frames_of(tiny_pipeline, seed=4)).mean()
+    assert difference < 8
+
+
+def test_request_is_resolved_against_model_defaults(tiny_pipeline):
+    resolved = GenerationRequest(prompt="x").resolve(tiny_pipeline.defaults)
+    assert (resolved.frames, resolved.steps, resolved.guidance) == (16, 50, 9.0)
+    assert resolved.seed is not None

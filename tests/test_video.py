@@ -1,0 +1,111 @@
+"""Video files: decoded back with PyAV and checked for what browsers and players need."""
+
+import json
+import os
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from vidsynth import OutputError, Video, read_frames, read_settings
+from vidsynth.video import write_video
+
+SETTINGS = {"prompt": "a test pattern", "seed": 42, "steps": 3, "fps": 8, "vidsynth_version": "test"}
+
+
+def pattern(frames=12, height=48, width=64) -> np.ndarray:
+    """Moving colour bars: every frame differs, and colours are strong enough to survive yuv420p."""
+    x = np.arange(width)[None, None, :, None]
+    t = np.arange(frames)[:, None, None, None]
+    channels = np.array([0, 85, 170])[None, None, None, :]
+    video = ((x * 4 + t * 10 + channels) % 256).astype(np.uint8)
+    return np.broadcast_to(video, (frames, height, width, 3)).copy()
+
+
+def test_mp4_plays_in_browsers_and_round_trips(tmp_path):
+    path = Video(pattern(), fps=8, settings=SETTINGS).save(tmp_path / "clip.mp4")
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        assert stream.codec_context.pix_fmt == "yuv420p"
+        assert (stream.width, stream.height) == (64, 48)
+        assert float(stream.average_rate) == 8
+        assert json.loads(container.metadata["comment"]) == SETTINGS
+    frames, fps = read_frames(path)
+    assert frames.shape == (12, 48, 64, 3) and fps == 8
+    assert np.abs(frames.astype(int) - pattern()).mean() < 12  # lossy, but the same picture
+    data = path.read_bytes()
+    assert data.index(b"moov") < data.index(b"mdat")  # +faststart: playable while downloading
+    assert read_settings(path) == SETTINGS
+    assert json.loads((tmp_path / "clip.json").read_text()) == SETTINGS
+
+
+def test_odd_sizes_are_padded_to_even(tmp_path):
+    path = write_video(tmp_path / "odd.mp4", pattern(4, 33, 45), 8, {})
+    frames, _ = read_frames(path)
+    assert frames.shape == (4, 34, 46, 3)
+
+
+def test_webm_is_vp9(tmp_path):
+    path = Video(pattern(), fps=10, settings=SETTINGS).save(tmp_path / "clip.webm")
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].codec_context.name == "vp9"
+    frames, fps = read_frames(path)
+    assert frames.shape == (12, 48, 64, 3) and fps == 10
+    assert read_settings(path) == SETTINGS
+
+
+def test_gif_npy_and_png_folder(tmp_path):
+    video = Video(pattern(), fps=8, settings=SETTINGS)
+    gif_frames, _ = read_frames(video.save(tmp_path / "clip.gif"))
+    assert gif_frames.shape == (12, 48, 64, 3)
+    assert np.array_equal(np.load(video.save(tmp_path / "clip.npy")), pattern())  # exact
+    folder = video.save(tmp_path / "frames")
+    assert sorted(p.name for p in folder.iterdir()) == [f"{i:04d}.png" for i in range(12)] + ["settings.json"]
+    assert read_settings(folder) == SETTINGS
+
+
+def test_bad_output_paths_write_nothing(tmp_path):
+    video = Video(pattern(2), settings=SETTINGS)
+    with pytest.raises(OutputError, match="unknown output extension"):
+        video.save(tmp_path / "clip.avi")
+    with pytest.raises(OutputError, match="does not exist"):
+        video.save(tmp_path / "missing" / "clip.mp4")
+    with pytest.raises(OutputError, match="not writable"):
+        video.save(unwritable_folder(tmp_path) / "clip.mp4")
+    assert not list(tmp_path.glob("*.mp4"))
+
+
+def unwritable_folder(tmp_path):
+    """A folder this process cannot write to; root ignores permission bits, but not /proc's."""
+    if os.geteuid() == 0:
+        return Path("/proc/1")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    return locked
+
+
+def test_failed_encode_leaves_no_file(tmp_path, monkeypatch):
+    import vidsynth.video as video_module
+
+    def broken(path, *args):
+        with open(path, "wb") as handle:
+            handle.write(b"half a video")
+        raise RuntimeError("encoder crashed")
+
+    monkeypatch.setattr(video_module, "_encode", broken)
+    with pytest.raises(RuntimeError):
+        Video(pattern(2), settings=SETTINGS).save(tmp_path / "clip.mp4")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_notebook_display_embeds_a_playable_mp4():
+    import base64
+    import io
+
+    html = Video(pattern(4), settings=SETTINGS)._repr_html_()
+    assert "<video" in html and "a test pattern" in html
+    data = base64.b64decode(html.split("base64,")[1].split('"')[0])
+    with av.open(io.BytesIO(data)) as container:
+        assert container.streams.video[0].codec_context.name == "h264"
