@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -79,3 +80,53 @@ def tiny_pipeline(tiny_model_dir):
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+# A ModelScope-layout checkpoint made with ModelScope's and open_clip's own classes (the references of the parity
+# tests). The text tower is 1024 wide because ModelScope's decoder cross-attention is built for 1024-d context.
+MODEL_CFG = {
+    "unet_in_dim": 4, "unet_dim": 32, "unet_y_dim": 768, "unet_context_dim": 1024, "unet_out_dim": 4,
+    "unet_dim_mult": [1, 2, 2], "unet_num_heads": 8, "unet_head_dim": 16, "unet_res_blocks": 2,
+    "unet_attn_scales": [1, 0.5], "unet_dropout": 0.1, "temporal_attention": "True",
+    "num_timesteps": 1000, "mean_type": "eps", "var_type": "fixed_small", "loss_type": "mse",
+}
+AE_CONFIG = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+             "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+
+
+@pytest.fixture(scope="session")
+def modelscope_reference(tmp_path_factory):
+    """ModelScope's modules with random weights, and the same weights saved as a ModelScope-layout folder."""
+    folder = tmp_path_factory.mktemp("modelscope-layout")
+    from reference_code import modelscope_module, open_clip_transformer
+    unet_sd, autoencoder = modelscope_module("unet_sd"), modelscope_module("autoencoder")
+    cfg = MODEL_CFG
+    unet = randomize(unet_sd.UNetSD(
+        in_dim=cfg["unet_in_dim"], dim=cfg["unet_dim"], y_dim=cfg["unet_y_dim"], context_dim=cfg["unet_context_dim"],
+        out_dim=cfg["unet_out_dim"], dim_mult=cfg["unet_dim_mult"], num_heads=cfg["unet_num_heads"],
+        head_dim=cfg["unet_head_dim"], num_res_blocks=cfg["unet_res_blocks"], attn_scales=cfg["unet_attn_scales"],
+        dropout=cfg["unet_dropout"], temporal_attention=True), 11)
+    vae = randomize(autoencoder.AutoencoderKL(AE_CONFIG, 4), 12)
+    text = randomize(open_clip_transformer().TextTransformer(width=1024, heads=16, layers=2, output_dim=1024), 13)
+
+    torch.save(unet.state_dict(), folder / "text2video_pytorch_model.pth")
+    torch.save({"state_dict": {f"first_stage_model.{k}": v for k, v in vae.state_dict().items()},
+                "global_step": 1}, folder / "VQGAN_autoencoder.pth")
+    clip_state = dict(text.state_dict())
+    clip_state.update({"visual.conv1.weight": torch.zeros(8, 3, 14, 14), "logit_scale": torch.tensor(4.6)})
+    torch.save(clip_state, folder / "open_clip_pytorch_model.bin")
+    (folder / "configuration.json").write_text(json.dumps({
+        "framework": "pytorch", "task": "text-to-video-synthesis",
+        "model": {"type": "latent-text-to-video-synthesis", "model_cfg": cfg, "model_args": {
+            "ckpt_clip": "open_clip_pytorch_model.bin", "ckpt_unet": "text2video_pytorch_model.pth",
+            "ckpt_autoencoder": "VQGAN_autoencoder.pth", "max_frames": 16, "tiny_gpu": 1}},
+    }))
+    return {"folder": folder, "unet": unet, "vae": vae, "text": text}
+
+
+def copy_with_links(source: Path, destination: Path) -> Path:
+    """A copy of a model folder whose files link to the original, so one file can be replaced cheaply."""
+    destination.mkdir()
+    for item in source.iterdir():
+        (destination / item.name).symlink_to(item)
+    return destination

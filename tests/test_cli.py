@@ -1,0 +1,122 @@
+"""The vidsynth command: real processes for the paths that matter (exit codes, signals), in-process for bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from vidsynth.cli import main
+
+SMALL = ["--frames", "3", "--height", "32", "--width", "32", "--steps", "2"]
+
+
+def vidsynth(*args, cwd, timeout=300):
+    return subprocess.run([sys.executable, "-m", "vidsynth.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+BAD_INPUT = [
+    (["generate", ""], "PROMPT: prompt is empty"),
+    (["generate", "   "], "PROMPT: prompt is empty"),
+    (["generate", "x", "--frames", "0"], "--frames: Input should be greater than or equal to 1"),
+    (["generate", "x", "--frames", "999"], "--frames: Input should be less than or equal to 256"),
+    (["generate", "x", "--height", "100"], "--height: must be a multiple of 8"),
+    (["generate", "x", "--width", "4096"], "--width: Input should be less than or equal to 2048"),
+    (["generate", "x", "--steps", "0"], "--steps: Input should be greater than or equal to 1"),
+    (["generate", "x", "--guidance", "-2"], "--guidance: Input should be greater than or equal to 0"),
+    (["generate", "x", "--guidance", "nan"], "--guidance: Input should be a finite number"),
+    (["generate", "x", "--seed", "-5"], "--seed: Input should be greater than or equal to 0"),
+    (["generate", "x", "-o", "clip.avi"], "unknown output extension '.avi'"),
+    (["generate", "x", "-o", "missing/clip.mp4"], "output directory missing does not exist"),
+    (["generate", "x", "-o", "/proc/1/clip.mp4"], "output directory /proc/1 is not writable"),
+    (["generate", "x", "--model", "./no-such-folder"], "model './no-such-folder' not found"),
+    (["generate", "x", "--from", "nothing.mp4"], "nothing.mp4 does not exist"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_exits_2_with_the_reason_and_writes_nothing(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_scheduler_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "x", "--scheduler", "plms"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'plms'" in capsys.readouterr().err
+
+
+def test_generate_info_and_replay(tiny_model_dir, tmp_path):
+    made = vidsynth("generate", "a red circle", "moving left", "--model", tiny_model_dir, *SMALL, "--seed", "9",
+                    "-o", "first.npy", "--json", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    [result] = json.loads(made.stdout)
+    assert result["settings"]["prompt"] == "a red circle moving left" and result["settings"]["seed"] == 9
+
+    info = vidsynth("info", "first.json", "--json", cwd=tmp_path)
+    assert json.loads(info.stdout)["settings"] == result["settings"]
+
+    again = vidsynth("generate", "--from", "first.json", "-o", "again.npy", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(np.load(tmp_path / "first.npy"), np.load(tmp_path / "again.npy"))
+
+    changed = vidsynth("generate", "--from", "first.json", "--seed", "10", "-o", "other.npy", cwd=tmp_path)
+    assert changed.returncode == 0 and not np.array_equal(np.load(tmp_path / "first.npy"), np.load(tmp_path / "other.npy"))
+
+
+def test_mp4_metadata_drives_info_and_default_names(tiny_model_dir, tmp_path):
+    made = vidsynth("generate", "A car flying in space.", "--model", tiny_model_dir, *SMALL, "--seed", "3",
+                    "--num-videos", "2", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    names = sorted(p.name for p in tmp_path.glob("*.mp4"))
+    assert names == ["a-car-flying-in-space-3.mp4", "a-car-flying-in-space-4.mp4"]
+    (tmp_path / "a-car-flying-in-space-3.json").unlink()  # info must read the mp4's own metadata
+    info = vidsynth("info", "a-car-flying-in-space-3.mp4", cwd=tmp_path)
+    assert info.returncode == 0
+    assert "seed               3" in info.stdout and "codec              h264" in info.stdout
+
+
+def test_ctrl_c_exits_130_and_leaves_no_file(tiny_model_dir, tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vidsynth.cli", "generate", "a red circle", "--model", str(tiny_model_dir),
+         "--frames", "8", "--height", "64", "--width", "64", "--steps", "1000", "-o", "clip.mp4"],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    output = ""
+    deadline = time.monotonic() + 120
+    while "step" not in output and time.monotonic() < deadline:  # wait for the progress bar to start
+        output += process.stderr.read(1)
+    process.send_signal(signal.SIGINT)
+    code = process.wait(timeout=60)
+    rest = process.stderr.read()
+    assert code == 130, rest
+    assert "interrupted" in rest
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_modelscope_layout_gives_the_same_video(modelscope_reference, tmp_path):
+    source = modelscope_reference["folder"]
+    converted = vidsynth("convert", source, tmp_path / "converted", cwd=tmp_path)
+    assert converted.returncode == 0, converted.stderr
+    assert (tmp_path / "converted" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    settings = ["a red circle", "--frames", "2", "--height", "64", "--width", "64", "--steps", "2", "--seed", "1"]
+    for name, model in (("original.npy", source), ("converted.npy", tmp_path / "converted")):
+        assert vidsynth("generate", *settings, "--model", model, "-o", name, cwd=tmp_path).returncode == 0
+    assert np.array_equal(np.load(tmp_path / "original.npy"), np.load(tmp_path / "converted.npy"))
+
+    refused = vidsynth("convert", source, tmp_path / "converted", cwd=tmp_path)
+    assert refused.returncode == 2 and "already exists" in refused.stderr
+
+
+def test_models_lists_the_aliases(capsys):
+    assert main(["models", "--json"]) == 0
+    rows = {row["alias"]: row for row in json.loads(capsys.readouterr().out)}
+    assert {"vidsynth-tiny", "ms-1.7b", "zeroscope-576w", "zeroscope-xl"} <= set(rows)
+    assert rows["zeroscope-576w"]["defaults"]["width"] == 576

@@ -1,0 +1,134 @@
+"""Model references that cannot be used get a clear ModelError; hub ids resolve through the standard cache."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import MODEL_CFG, copy_with_links
+from vidsynth import ModelError, ModelUnavailableError
+from vidsynth.loading import load_components
+
+
+def test_missing_path_and_wrong_kinds_of_path(tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        load_components(str(tmp_path / "no-such-model"))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ModelError, match="is a file"):
+        load_components(str(tmp_path / "weights.bin"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="neither a diffusers-layout .* nor a ModelScope-layout"):
+        load_components(str(tmp_path / "empty"))
+
+
+def broken_modelscope(modelscope_reference, tmp_path, name: str) -> Path:
+    folder = copy_with_links(modelscope_reference["folder"], tmp_path / "model")
+    (folder / name).unlink()
+    return folder
+
+
+def test_configuration_saved_as_an_html_page(modelscope_reference, tmp_path):
+    folder = broken_modelscope(modelscope_reference, tmp_path, "configuration.json")
+    (folder / "configuration.json").write_text("<!DOCTYPE html>\n<html><head><title>configuration.json</title>")
+    with pytest.raises(ModelError, match="not valid JSON.*HTML page"):
+        load_components(str(folder))
+
+
+def test_configuration_of_another_kind_of_model(modelscope_reference, tmp_path):
+    folder = broken_modelscope(modelscope_reference, tmp_path, "configuration.json")
+    (folder / "configuration.json").write_text(json.dumps({"model": {"type": "image-captioning"}}))
+    with pytest.raises(ModelError, match="no model.model_cfg"):
+        load_components(str(folder))
+
+
+def test_truncated_weight_file(modelscope_reference, tmp_path):
+    folder = broken_modelscope(modelscope_reference, tmp_path, "text2video_pytorch_model.pth")
+    data = (modelscope_reference["folder"] / "text2video_pytorch_model.pth").read_bytes()
+    (folder / "text2video_pytorch_model.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="corrupt or truncated"):
+        load_components(str(folder))
+
+
+class RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_runs_code_is_refused_unrun(modelscope_reference, tmp_path):
+    folder = broken_modelscope(modelscope_reference, tmp_path, "VQGAN_autoencoder.pth")
+    marker = tmp_path / "code-ran"
+    torch.save({"state_dict": RunsCode(marker)}, folder / "VQGAN_autoencoder.pth")
+    with pytest.raises(ModelError, match="refusing to load .* run code"):
+        load_components(str(folder))
+    assert not marker.exists()
+
+
+def test_shapes_that_do_not_match_the_configuration(modelscope_reference, tmp_path):
+    folder = broken_modelscope(modelscope_reference, tmp_path, "configuration.json")
+    config = json.loads((modelscope_reference["folder"] / "configuration.json").read_text())
+    config["model"]["model_cfg"] = {**MODEL_CFG, "unet_dim": 64}
+    (folder / "configuration.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="UNet checkpoint shapes do not match its configuration"):
+        load_components(str(folder))
+
+
+def test_corrupt_diffusers_weights(tiny_model_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelError, match="cannot load unet"):
+        load_components(str(folder))
+
+
+def test_diffusers_folder_of_another_pipeline(tiny_model_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["unet"] = ["diffusers", "UNet2DConditionModel"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelError, match="UNet2DConditionModel, not the UNet3DConditionModel"):
+        load_components(str(folder))
+
+
+def _run_cli(args, env_extra, cwd):
+    env = {**os.environ, **env_extra}
+    return subprocess.run([sys.executable, "-m", "vidsynth.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+def test_hub_ids_resolve_through_the_hugging_face_cache(tiny_model_dir, tmp_path):
+    """A model in HF_HOME's cache layout loads by repo id with the hub offline; one not cached fails clearly."""
+    revision = "0" * 40
+    repo = tmp_path / "hf" / "hub" / "models--acme--tiny-t2v"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+
+    done = _run_cli(["generate", "a red circle", "--model", "acme/tiny-t2v", "--frames", "2", "--height", "32",
+                     "--width", "32", "--steps", "2", "--seed", "1", "-o", "out.npy"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out.npy").is_file()
+
+    missing = _run_cli(["generate", "a red circle", "--model", "acme/not-cached", "-o", "x.mp4"], env, tmp_path)
+    assert missing.returncode == 1
+    assert "acme/not-cached is not in the Hugging Face cache" in missing.stderr
+    assert "hf download acme/not-cached" in missing.stderr and "model_index.json" in missing.stderr
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_known_alias_not_downloaded_says_what_to_do(monkeypatch, tmp_path):
+    import huggingface_hub.constants as constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelUnavailableError, match="damo-vilab/text-to-video-ms-1.7b is not in the Hugging Face cache"):
+        load_components("ms-1.7b")
