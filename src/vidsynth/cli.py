@@ -105,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true")
     models.set_defaults(run=run_models)
 
+    evaluate = commands.add_parser("eval", help="score a model on held-out captions of the shapes dataset")
+    evaluate.add_argument("--model", help="alias, folder or hub id (default: the shipped model)")
+    evaluate.add_argument("--prompts", type=int, default=50, help="how many held-out captions (default 50)")
+    evaluate.add_argument("--seeds", type=int, default=3, help="videos per caption, seeds 0..N-1 (default 3)")
+    evaluate.add_argument("--steps", type=int)
+    evaluate.add_argument("--guidance", type=float)
+    evaluate.add_argument("--scheduler", choices=SCHEDULERS)
+    evaluate.add_argument("--json", dest="json_path", metavar="FILE", help="write every result as JSON here")
+    _add_runtime_options(evaluate)
+    evaluate.set_defaults(run=run_eval)
+
     train = commands.add_parser("train", help="train a model (from scratch or fine-tuning) and checkpoint it")
     train.add_argument("--out", required=True, help="run folder; the model is written to OUT/model")
     train.add_argument("--architecture", help="size preset for training from scratch: tiny (default), micro")
@@ -267,6 +278,25 @@ def run_models(args) -> int:
         where = row["local_path"] or "not downloaded"
         print(f"{row['alias']:20s} {d['frames']} frames {d['width']}x{d['height']}, {d['steps']} steps  "
               f"[{where}]\n{'':20s} {row['description']}")
+    return 0
+
+
+def run_eval(args) -> int:
+    from .evaluate import default_specs, evaluate, format_table, write_json
+    from .pipeline import load
+    from .progress import ProgressBar
+
+    if args.prompts < 1 or args.seeds < 1:
+        raise UsageError("--prompts and --seeds must be at least 1")
+    settings = {k: getattr(args, k) for k in ("steps", "guidance", "scheduler") if getattr(args, k) is not None}
+    pipeline = load(args.model, device=args.device, dtype=args.dtype, offload=args.offload,
+                    forward_chunking=args.forward_chunking)
+    with ProgressBar() as bar:
+        summary = evaluate(pipeline, default_specs(args.prompts), args.seeds, callback=bar, **settings)
+    print(f"model {pipeline.name}, {args.prompts} held-out captions x {args.seeds} seeds")
+    print(format_table(summary))
+    if args.json_path:
+        write_json(summary, Path(args.json_path))
     return 0
 
 

@@ -1,0 +1,112 @@
+"""`vidsynth train` on the micro architecture: checkpoints, resume, loading through --model, and bad input."""
+
+import errno
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import vidsynth
+from vidsynth.cli import main
+from vidsynth.data import ClipSpec, render
+from vidsynth.errors import VidsynthError
+from vidsynth.train import Trainer, TrainOptions, train
+from vidsynth.video import write_video
+
+MICRO = dict(architecture="micro", batch_size=2, checkpoint_every=2, vae_steps=2, lr=1e-3)
+
+
+def progress_of(run):
+    return json.loads((run / "model" / "training" / "progress.json").read_text())["progress"]
+
+
+def test_train_save_resume_and_generate(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--architecture", "micro", "--steps", "3", "--vae-steps", "2",
+                 "--batch-size", "2", "--checkpoint-every", "2"]) == 0
+    assert progress_of(run)["step"] == 3 and progress_of(run)["vae_step"] == 2
+
+    trainer = Trainer(TrainOptions(out=run, steps=5, **MICRO))  # picks up the checkpoint
+    assert trainer.progress["step"] == 3
+    resumed_weights = {k: v.clone() for k, v in trainer.unet.state_dict().items()}
+    trainer.run()
+    assert progress_of(run)["step"] == 5
+    assert any(not torch.equal(v, trainer.unet.state_dict()[k]) for k, v in resumed_weights.items())
+
+    pipeline = vidsynth.load(str(run / "model"), device="cpu", dtype="float32")
+    video = pipeline("a red circle moving left on a black background", progress=False, steps=2, seed=0)
+    assert video.frames.shape == (4, 32, 32, 3)  # the micro architecture's native size, from vidsynth.json
+
+
+def test_resume_continues_from_the_saved_weights(tmp_path):
+    run = tmp_path / "run"
+    train(TrainOptions(out=run, steps=2, **MICRO))
+    saved = vidsynth.loading.load_components(str(run / "model"))
+    trainer = Trainer(TrainOptions(out=run, steps=2, **MICRO))
+    ema_weights = trainer.components.unet.state_dict()  # the raw weights replace the EMA ones on resume
+    from safetensors.torch import load_file
+    raw = load_file(str(run / "model" / "training" / "unet.safetensors"))
+    assert all(torch.equal(ema_weights[k], raw[k]) for k in raw)
+    assert saved.vae.config.scaling_factor == trainer.vae.config.scaling_factor != 0.18215
+
+
+def test_resuming_with_another_architecture_is_refused(tmp_path):
+    run = tmp_path / "run"
+    train(TrainOptions(out=run, steps=1, **MICRO))
+    with pytest.raises(VidsynthError, match="was trained as 'micro', not 'tiny'"):
+        Trainer(TrainOptions(out=run, steps=1, **{**MICRO, "architecture": "tiny"}))
+
+
+def test_fine_tuning_checks_the_architecture_and_reuses_vae_and_text(tmp_path, tiny_model_dir):
+    with pytest.raises(VidsynthError, match="does not have the 'micro' architecture"):
+        Trainer(TrainOptions(out=tmp_path / "ft", init=str(tiny_model_dir), steps=1, **MICRO))
+    options = TrainOptions(out=tmp_path / "ft", init=str(tiny_model_dir), steps=2, batch_size=1, checkpoint_every=10)
+    trainer = Trainer(options)
+    vae_before = {k: v.clone() for k, v in trainer.vae.state_dict().items()}
+    text_before = {k: v.clone() for k, v in trainer.text_encoder.state_dict().items()}
+    trainer.run()
+    assert all(torch.equal(v, trainer.vae.state_dict()[k]) for k, v in vae_before.items())
+    assert all(torch.equal(v, trainer.text_encoder.state_dict()[k]) for k, v in text_before.items())
+    assert progress_of(tmp_path / "ft")["vae_step"] == 0
+
+
+def test_training_on_a_folder_of_captioned_videos(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for index, spec in enumerate([ClipSpec("red", "circle", "left", "black"), ClipSpec("blue", "square", "up", "white")]):
+        write_video(data / f"clip{index}.mp4", render(spec, 8, 48, np.random.default_rng(index)), 8, {}, sidecar=False)
+        (data / f"clip{index}.txt").write_text(spec.caption)
+    train(TrainOptions(out=tmp_path / "run", data=str(data), steps=1, **MICRO))
+    assert progress_of(tmp_path / "run")["step"] == 1
+
+
+def test_bad_datasets_fail_clearly(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--out", str(tmp_path / "run"), "--architecture", "micro", "--data", str(tmp_path / "empty")]) == 1
+    assert "holds no videos" in capsys.readouterr().err
+    (tmp_path / "nocaption").mkdir()
+    write_video(tmp_path / "nocaption" / "x.mp4", np.zeros((4, 16, 16, 3), np.uint8), 8, {}, sidecar=False)
+    assert main(["train", "--out", str(tmp_path / "run"), "--architecture", "micro", "--data",
+                 str(tmp_path / "nocaption")]) == 1
+    assert "no caption file" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(TrainOptions(out=run, steps=2, **MICRO))
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    unet_bytes = (run / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+    import vidsynth.train as train_module
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_module, "save_model", disk_full)
+    with pytest.raises(VidsynthError, match="No space left on device.*previous checkpoint is kept"):
+        train(TrainOptions(out=run, steps=4, **MICRO))
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    assert (run / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet_bytes
+    assert progress_of(run)["step"] == 2
