@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from .request import ModelDefaults
@@ -39,4 +38,4 @@ HUB_IDS = {model.source.split(":", 1)[1]: model for model in KNOWN_MODELS.values
 
 
 def package_model_path(name: str) -> Path:
-    return Path(str(resources.files("vidsynth.assets").joinpath("models", name)))
+    return Path(__file__).resolve().parent / "assets" / "models" / name

@@ -1,0 +1,41 @@
+"""The model shipped in the package: the default of `vidsynth generate`, and it draws what the prompt says."""
+
+import json
+import subprocess
+import sys
+
+import av
+
+import vidsynth
+from vidsynth.evaluate import default_specs, evaluate
+from vidsynth.registry import SHIPPED_MODEL, package_model_path
+
+
+def test_shipped_model_is_small_and_complete():
+    folder = package_model_path(SHIPPED_MODEL)
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size <= 30 * 2**20
+    assert (folder / "MODEL_CARD.md").is_file()
+    assert json.loads((folder / "vidsynth.json").read_text())["defaults"]["frames"] == 16
+
+
+def test_generate_without_model_uses_the_shipped_model(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "vidsynth.cli", "generate",
+                           "a yellow square moving right on a black background", "--seed", "1", "-o", "clip.mp4"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with av.open(str(tmp_path / "clip.mp4")) as container:
+        stream = container.streams.video[0]
+        assert (stream.frames, stream.width, stream.height, float(stream.average_rate)) == (16, 64, 64, 8)
+        assert json.loads(container.metadata["comment"])["model"] == SHIPPED_MODEL
+
+
+def test_shipped_model_draws_one_shape_on_the_asked_background():
+    """Held-out captions (never seen in training). What this early model reliably does: the background the prompt
+    names and one visible shape. Colour, shape and motion accuracy are measured in its model card, not yet at the
+    level a test should hold it to."""
+    pipeline = vidsynth.load(SHIPPED_MODEL)
+    summary = evaluate(pipeline, default_specs(16), seeds=2)
+    assert summary["background_accuracy"] >= 0.9, summary["background_accuracy"]
+    drawn = sum(result["found"]["color"] is not None for result in summary["results"])
+    assert drawn >= 0.9 * summary["samples"], drawn
