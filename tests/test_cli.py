@@ -87,7 +87,7 @@ def test_mp4_metadata_drives_info_and_default_names(tiny_model_dir, tmp_path):
 def test_ctrl_c_exits_130_and_leaves_no_file(tiny_model_dir, tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "vidsynth.cli", "generate", "a red circle", "--model", str(tiny_model_dir),
-         "--frames", "8", "--height", "64", "--width", "64", "--steps", "1000", "-o", "clip.mp4"],
+         "--frames", "8", "--height", "64", "--width", "64", "--steps", "500", "-o", "clip.mp4"],
         cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     output = ""
     deadline = time.monotonic() + 120

@@ -16,6 +16,7 @@ BAD = [
     ({"width": 0}, "width", "greater than or equal to 8"),
     ({"width": 4096}, "width", "less than or equal to 2048"),
     ({"steps": 0}, "steps", "greater than or equal to 1"),
+    ({"steps": 1000}, "steps", "less than or equal to 500"),
     ({"guidance": -1.0}, "guidance", "greater than or equal to 0"),
     ({"guidance": math.nan}, "guidance", "finite"),
     ({"guidance": math.inf}, "guidance", "finite"),

@@ -194,7 +194,7 @@ def run_generate(args) -> int:
     _status(f"loading {model or 'the shipped model'}...", args)
     pipeline = load(model, device=args.device, dtype=args.dtype, offload=args.offload,
                     forward_chunking=args.forward_chunking)
-    with ProgressBar(disable=args.json or None) as bar:
+    with ProgressBar(disable=args.json) as bar:
         videos = pipeline.generate(request, bar)
     results = []
     for video, path in zip(videos, output_paths(args.output, videos)):

@@ -72,7 +72,7 @@ def locate(reference: Optional[str], *, half_precision: bool = False, local_only
     if path.exists():
         if not path.is_dir():
             raise ModelError(f"{reference} is a file; --model takes a model folder (diffusers or ModelScope layout)")
-        return ModelLocation(path, path.name)
+        return ModelLocation(path, str(path.resolve()))  # the full path, so `generate --from` finds it again
     if _looks_like_repo_id(reference):
         return ModelLocation(hf_snapshot(reference, half_precision, local_only), reference)
     raise ModelError(f"model {reference!r} not found: no such folder, and not a known alias "

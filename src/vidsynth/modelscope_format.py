@@ -72,8 +72,11 @@ def _is_zip(path: Path) -> bool:
     return zipfile.is_zipfile(path)
 
 
-def load_state(module: torch.nn.Module, state: dict, what: str) -> None:
-    """load_state_dict with every mismatch reported as a ModelError naming the component."""
+def load_state(module: torch.nn.Module, state: dict, what: str, *, assign: bool = False) -> None:
+    """load_state_dict with every mismatch reported as a ModelError naming the component.
+
+    With `assign`, the module takes the given tensors instead of copying them (for modules built on the meta device).
+    """
     expected = set(module.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
@@ -81,7 +84,7 @@ def load_state(module: torch.nn.Module, state: dict, what: str) -> None:
             f"{what} checkpoint does not match its configuration: {len(missing)} missing keys "
             f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
     try:
-        module.load_state_dict(state, strict=True)
+        module.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as exc:
         detail = "; ".join(line.strip() for line in str(exc).splitlines()[1:4])
         raise ModelError(f"{what} checkpoint shapes do not match its configuration: {detail}") from None

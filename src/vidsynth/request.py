@@ -17,7 +17,7 @@ from .errors import RequestError
 SCHEDULERS = ("ddim", "dpm++", "unipc", "euler")
 MAX_FRAMES = 256
 MAX_SIDE = 2048
-MAX_STEPS = 1000
+MAX_STEPS = 500  # DDIM with steps_offset=1 would step past timestep 999 at 1000 steps
 MAX_VIDEOS = 16
 MAX_PROMPTS = 16
 MAX_SEED = 2**63 - 1
