@@ -14,6 +14,7 @@ from pathlib import Path
 from . import __version__
 from .devices import DEVICE_CHOICES, DTYPE_CHOICES
 from .errors import OutputError, RequestError, VidsynthError
+from .pipeline import OFFLOAD_MODES
 from .request import SCHEDULERS, GenerationRequest
 
 # GenerationRequest field -> the CLI flag that sets it, so errors name what the user typed.
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
-    parser.add_argument("--offload", default="none", choices=("none", "model", "sequential"),
+    parser.add_argument("--offload", default="none", choices=OFFLOAD_MODES,
                         help="keep weights on the CPU and move them to the GPU as needed (for small GPUs)")
     parser.add_argument("--forward-chunking", action="store_true", help="run feed-forward layers in chunks (less memory)")
 
@@ -160,7 +161,7 @@ def request_from_args(args) -> tuple[GenerationRequest, str | None]:
         if not args.allow_empty_prompt:
             raise UsageError("give a prompt (or --from FILE, or --allow-empty-prompt for unconditional generation)")
         fields["prompt"] = ""
-    for name in ("negative_prompt", "seed", "frames", "height", "width", "steps", "guidance", "scheduler", "eta", "fps"):
+    for name in REPLAYED[1:]:  # every stored setting but the prompt, handled above
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     fields["num_videos"] = args.num_videos

@@ -49,7 +49,7 @@ class GenerationRequest(BaseModel):
     width: Optional[int] = Field(None, ge=8, le=MAX_SIDE, description="Pixels; a multiple of 8.")
     steps: Optional[int] = Field(None, ge=1, le=MAX_STEPS)
     guidance: Optional[float] = Field(None, ge=0.0, le=100.0, allow_inf_nan=False)
-    scheduler: Literal["ddim", "dpm++", "unipc", "euler"] = "ddim"
+    scheduler: Literal[SCHEDULERS] = "ddim"
     eta: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="DDIM stochasticity (0 = deterministic).")
     fps: Optional[int] = Field(None, ge=1, le=120)
     num_videos: int = Field(1, ge=1, le=MAX_VIDEOS, description="Videos per prompt.")
