@@ -130,3 +130,49 @@ def copy_with_links(source: Path, destination: Path) -> Path:
     for item in source.iterdir():
         (destination / item.name).symlink_to(item)
     return destination
+
+
+@pytest.fixture(scope="session")
+def shipped_pipeline():
+    import vidsynth
+    return vidsynth.load()
+
+
+class LiveServer:
+    """A vidsynth app served by uvicorn on a free loopback port, in a thread of the test process."""
+
+    def __init__(self, app):
+        import socket
+
+        import uvicorn
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+
+    def __enter__(self) -> "LiveServer":
+        import threading
+        import time
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+
+def read_events(response):
+    """The server-sent events of a streaming httpx response, as dicts, until the stream ends."""
+    name = None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            event = json.loads(line.removeprefix("data: "))
+            assert event["event"] == name
+            yield event

@@ -117,6 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_options(evaluate)
     evaluate.set_defaults(run=run_eval)
 
+    serve = commands.add_parser("serve", help="run the job API and web page")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--model", help="alias, folder or hub id (default: the shipped model)")
+    serve.add_argument("--data-dir", default="vidsynth-data", help="where the job database and videos live")
+    serve.add_argument("--token", default=os.environ.get("VIDSYNTH_TOKEN"),
+                       help="require 'Authorization: Bearer TOKEN' on every route but /healthz (default: $VIDSYNTH_TOKEN)")
+    serve.add_argument("--allow-remote-without-token", action="store_true",
+                       help="bind a non-loopback address with no token (anyone who can reach it can use it)")
+    serve.add_argument("--max-queue", type=int, default=100, help="queued jobs beyond this get HTTP 429")
+    serve.add_argument("--keep-jobs", type=int, default=500, help="finished jobs kept with their files; older are deleted")
+    _add_runtime_options(serve)
+    serve.set_defaults(run=run_serve)
+
     train = commands.add_parser("train", help="train a model (from scratch or fine-tuning) and checkpoint it")
     train.add_argument("--out", required=True, help="run folder; the model is written to OUT/model")
     train.add_argument("--architecture", help="size preset for training from scratch: tiny (default), micro")
@@ -298,6 +312,25 @@ def run_eval(args) -> int:
     print(format_table(summary))
     if args.json_path:
         write_json(summary, Path(args.json_path))
+    return 0
+
+
+def run_serve(args) -> int:
+    from .server import ServerSettings, is_loopback, serve
+    if not is_loopback(args.host) and not args.token and not args.allow_remote_without_token:
+        raise UsageError(f"refusing to serve on {args.host} without a token: set --token (or VIDSYNTH_TOKEN), bind "
+                         f"127.0.0.1, or pass --allow-remote-without-token")
+    if args.max_queue < 1 or args.keep_jobs < 1:
+        raise UsageError("--max-queue and --keep-jobs must be at least 1")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
+    settings = ServerSettings(data_dir=Path(args.data_dir), model=args.model, device=args.device, dtype=args.dtype,
+                              offload=args.offload, forward_chunking=args.forward_chunking, token=args.token, max_queue=args.max_queue, keep_jobs=args.keep_jobs)
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot use --data-dir {args.data_dir}: {exc.strerror or exc}") from None
+    serve(settings, host=args.host, port=args.port)
     return 0
 
 

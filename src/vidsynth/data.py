@@ -85,13 +85,14 @@ def _shape_mask(shape: str, cx: float, cy: float, radius: float, size: int) -> n
 
 def render(spec: ClipSpec, frames: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """One clip as uint8 frames x size x size x 3."""
+    # Shapes span 2-4 latent pixels of an f=8 autoencoder at 64x64: smaller ones lose their outline in the latents.
     scale = size / 64
     if spec.motion == "growing":
-        radii = np.linspace(5, 14, frames) * scale
+        radii = np.linspace(6, 15, frames) * scale
     elif spec.motion == "shrinking":
-        radii = np.linspace(14, 5, frames) * scale
+        radii = np.linspace(15, 6, frames) * scale
     else:
-        radii = np.full(frames, rng.uniform(7, 10) * scale)
+        radii = np.full(frames, rng.uniform(9, 12) * scale)
     margin = radii.max() + 1
     if spec.motion in DIRECTIONS:
         dx, dy = DIRECTIONS[spec.motion]

@@ -94,11 +94,8 @@ class Pipeline:
 
     def generate(self, request: GenerationRequest, callback: Callback = None) -> list[Video]:
         """Make every video the request asks for. Raise Cancelled (from the callback) to stop."""
-        request = request.resolve(self.defaults)
+        request = self.prepare(request)
         scale = self.components.vae_scale_factor
-        for side in ("height", "width"):
-            if getattr(request, side) % scale:
-                raise RequestError(side, f"must be a multiple of {scale} for this model")
         prompts, count = request.prompts, request.total_videos
         emit(callback, Event("encode", 0, 1, 0, count))
         with self._using(self.components.text_encoder):
@@ -120,6 +117,15 @@ class Pipeline:
             videos.append(Video(frames=frames, fps=request.fps, settings=settings))
         emit(callback, Event("done", 1, 1, count - 1, count))
         return videos
+
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with this model's defaults and a seed filled in, checked against what the model can make."""
+        request = request.resolve(self.defaults)
+        scale = self.components.vae_scale_factor
+        for side in ("height", "width"):
+            if getattr(request, side) % scale:
+                raise RequestError(side, f"must be a multiple of {scale} for this model")
+        return request
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         tokenizer = self.components.tokenizer

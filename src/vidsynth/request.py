@@ -10,7 +10,7 @@ import secrets
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import RequestError
 
@@ -41,6 +41,8 @@ class ModelDefaults:
 class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # Declared before the prompt, so that the prompt's own validator can read it.
+    allow_empty_prompt: bool = Field(False, description="Allow an empty prompt (unconditional generation).")
     prompt: Union[str, list[str]] = Field(description="Text prompt, or a list of prompts (one batch of videos each).")
     negative_prompt: str = Field("", description="What to steer away from; empty as in ModelScope's own pipeline.")
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="Video i of the request uses seed + i.")
@@ -53,13 +55,15 @@ class GenerationRequest(BaseModel):
     eta: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="DDIM stochasticity (0 = deterministic).")
     fps: Optional[int] = Field(None, ge=1, le=120)
     num_videos: int = Field(1, ge=1, le=MAX_VIDEOS, description="Videos per prompt.")
-    allow_empty_prompt: bool = Field(False, description="Allow an empty prompt (unconditional generation).")
 
     @field_validator("prompt")
     @classmethod
-    def _prompt_list_size(cls, prompt):
-        if isinstance(prompt, list) and not 1 <= len(prompt) <= MAX_PROMPTS:
+    def _prompt_given(cls, prompt, info: ValidationInfo):
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not 1 <= len(prompts) <= MAX_PROMPTS:
             raise ValueError(f"give between 1 and {MAX_PROMPTS} prompts")
+        if not info.data.get("allow_empty_prompt") and any(not p.strip() for p in prompts):
+            raise ValueError("prompt is empty; write a prompt, or set allow_empty_prompt for unconditional generation")
         return prompt
 
     @field_validator("height", "width")
@@ -68,12 +72,6 @@ class GenerationRequest(BaseModel):
         if side is not None and side % 8:
             raise ValueError(f"must be a multiple of 8 (the VAE works on 8x8 pixel blocks), got {side}")
         return side
-
-    @model_validator(mode="after")
-    def _prompt_not_empty(self):
-        if not self.allow_empty_prompt and any(not p.strip() for p in self.prompts):
-            raise ValueError("prompt is empty; write a prompt, or set allow_empty_prompt for unconditional generation")
-        return self
 
     @property
     def prompts(self) -> list[str]:
@@ -100,10 +98,17 @@ class GenerationRequest(BaseModel):
             raise request_error_from(exc) from None
 
 
+def field_errors(errors: list[dict]) -> list[dict]:
+    """Pydantic's errors as [{field, message}], naming the top-level setting (not the union member, the list index,
+    or the part of an HTTP request it came in)."""
+    found = []
+    for error in errors:
+        location = [str(part) for part in error["loc"] if part not in ("body", "query", "header", "path")]
+        message = "unknown setting" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+        found.append({"field": location[0] if location else "body", "message": message})
+    return found
+
+
 def request_error_from(exc: ValidationError) -> RequestError:
-    first = exc.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or "prompt"
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "unknown setting"
-    return RequestError(field, message)
+    first = field_errors(exc.errors())[0]
+    return RequestError(first["field"], first["message"])

@@ -151,7 +151,10 @@ def _encode(path: str, frames: np.ndarray, fps: int, codec: str, settings: dict,
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "18"} if codec == "libx264" else {"crf": "24", "b": "0"}
         for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            # Converted to yuv420p here: left to the encoder, the conversion does not give the same bytes every
+            # run, and then the same seed would not give the same file.
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
+            for packet in stream.encode(picture):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

@@ -1,0 +1,213 @@
+"""The server's job queue: jobs in SQLite (WAL) under the data folder, their videos in files beside it.
+
+A job is a resolved GenerationRequest plus its state. The database is the truth: a job is claimed by a single
+UPDATE, so a restarted server finds every job where it was left. Jobs that were running when the process died are
+queued again (up to MAX_ATTEMPTS times, then failed with that reason), never dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import shutil
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+QUEUED, IN_PROGRESS, COMPLETED, FAILED, CANCELED = "queued", "in_progress", "completed", "failed", "canceled"
+FINISHED = (COMPLETED, FAILED, CANCELED)
+MAX_ATTEMPTS = 3  # runs a job gets when the server keeps dying under it
+JOB_ID = re.compile(r"^video_[0-9a-f]{24}$")
+VARIANTS = {"video": ("mp4", "video/mp4"), "thumbnail": ("png", "image/png"), "gif": ("gif", "image/gif")}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    status TEXT NOT NULL,
+    request TEXT NOT NULL,
+    outputs INTEGER NOT NULL,
+    progress REAL NOT NULL DEFAULT 0,
+    phase TEXT,
+    error_code TEXT,
+    error_message TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    completed_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    idempotency_key TEXT UNIQUE,
+    request_digest TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
+"""
+
+
+class IdempotencyConflict(Exception):
+    """An Idempotency-Key was reused with a different request."""
+
+
+class JobStore:
+    def __init__(self, data_dir: Path):
+        self.data_dir = Path(data_dir)
+        self.videos_dir = self.data_dir / "videos"
+        self.videos_dir.mkdir(parents=True, exist_ok=True)
+        # One connection shared by the worker thread and the request handlers, serialised by a lock: SQLite
+        # writes are serial anyway, and every statement here is short.
+        self._db = sqlite3.connect(self.data_dir / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _query(self, sql: str, parameters=()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, parameters).fetchall()
+
+    # ------------------------------------------------------------------------------------------------- reading
+
+    def get(self, job_id: str) -> Optional[dict]:
+        if not JOB_ID.match(job_id):
+            return None
+        rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return self._job(rows[0]) if rows else None
+
+    def list(self, limit: int, after: Optional[str] = None) -> tuple[list[dict], bool]:
+        """Newest first; `after` is the id of the last job of the previous page."""
+        if after is not None:
+            rows = self._query("SELECT seq FROM jobs WHERE id = ?", (after,))
+            if not rows:
+                raise KeyError(after)
+            found = self._query("SELECT * FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?", (rows[0]["seq"], limit + 1))
+        else:
+            found = self._query("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit + 1,))
+        return [self._job(row) for row in found[:limit]], len(found) > limit
+
+    def find_by_key(self, idempotency_key: str) -> Optional[dict]:
+        rows = self._query("SELECT id FROM jobs WHERE idempotency_key = ?", (idempotency_key,))
+        return self.get(rows[0]["id"]) if rows else None
+
+    def queued_count(self) -> int:
+        return self._query("SELECT COUNT(*) AS n FROM jobs WHERE status = ?", (QUEUED,))[0]["n"]
+
+    def output_path(self, job_id: str, index: int, variant: str) -> Path:
+        extension, _ = VARIANTS[variant]
+        return self.videos_dir / job_id / f"{index}.{extension}"
+
+    def _job(self, row: sqlite3.Row) -> dict:
+        job = {
+            "id": row["id"], "object": "video", "status": row["status"], "progress": round(row["progress"] * 100, 1),
+            "phase": row["phase"], "queue_position": None, "outputs": row["outputs"],
+            "created_at": row["created_at"], "started_at": row["started_at"], "completed_at": row["completed_at"],
+            "attempts": row["attempts"], "cancel_requested": bool(row["cancel_requested"]), "request": json.loads(row["request"]), "error": None,
+        }
+        if row["status"] == QUEUED:
+            ahead = self._query("SELECT COUNT(*) AS n FROM jobs WHERE status = ? AND seq < ?", (QUEUED, row["seq"]))
+            job["queue_position"] = ahead[0]["n"]
+        if row["error_code"]:
+            job["error"] = {"code": row["error_code"], "message": row["error_message"]}
+        return job
+
+    # ------------------------------------------------------------------------------------------------- writing
+
+    def create(self, request: dict, outputs: int, idempotency_key: Optional[str] = None,
+               submitted: Optional[dict] = None) -> tuple[dict, bool]:
+        """A new queued job, or (with a known idempotency key) the job it made before. Returns (job, created).
+
+        `submitted` is the request as the client sent it (before defaults and a drawn seed): a retry must match it.
+        """
+        digest = hashlib.sha256(json.dumps(submitted or request, sort_keys=True).encode()).hexdigest()
+        job_id = f"video_{secrets.token_hex(12)}"
+        with self._lock:
+            if idempotency_key is not None:
+                found = self._db.execute("SELECT id, request_digest FROM jobs WHERE idempotency_key = ?",
+                                         (idempotency_key,)).fetchone()
+                if found is not None:
+                    if found["request_digest"] != digest:
+                        raise IdempotencyConflict(idempotency_key)
+                    job_id, created = found["id"], False
+                else:
+                    created = True
+            else:
+                created = True
+            if created:
+                self._db.execute(
+                    "INSERT INTO jobs (id, status, request, outputs, created_at, idempotency_key, request_digest) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, QUEUED, json.dumps(request), outputs, time.time(), idempotency_key, digest))
+        return self.get(job_id), created
+
+    def claim_next(self) -> Optional[dict]:
+        """Mark the oldest queued job in progress and return it (None when the queue is empty)."""
+        with self._lock:
+            row = self._db.execute(
+                "UPDATE jobs SET status = ?, started_at = ?, attempts = attempts + 1, progress = 0, phase = NULL "
+                "WHERE seq = (SELECT seq FROM jobs WHERE status = ? ORDER BY seq LIMIT 1) RETURNING id",
+                (IN_PROGRESS, time.time(), QUEUED)).fetchone()
+        return self.get(row["id"]) if row else None
+
+    def set_progress(self, job_id: str, progress: float, phase: str) -> None:
+        self._query("UPDATE jobs SET progress = ?, phase = ? WHERE id = ? AND status = ?",
+                    (progress, phase, job_id, IN_PROGRESS))
+
+    def finish(self, job_id: str, status: str, error: Optional[tuple[str, str]] = None) -> None:
+        code, message = error or (None, None)
+        progress_sql = "1" if status == COMPLETED else "progress"
+        self._query(f"UPDATE jobs SET status = ?, progress = {progress_sql}, error_code = ?, error_message = ?, "
+                    "completed_at = ? WHERE id = ?", (status, code, message, time.time(), job_id))
+
+    def requeue(self, job_id: str) -> None:
+        """Put back a job the server stopped under on purpose (shutdown); that run does not count as an attempt."""
+        self._query("UPDATE jobs SET status = ?, progress = 0, phase = NULL, attempts = attempts - 1 "
+                    "WHERE id = ? AND status = ?", (QUEUED, job_id, IN_PROGRESS))
+
+    def request_cancel(self, job_id: str) -> Optional[dict]:
+        """Cancel a queued job at once; flag a running one (the worker stops it at its next step)."""
+        self._query("UPDATE jobs SET status = ?, completed_at = ?, error_code = NULL WHERE id = ? AND status = ?",
+                    (CANCELED, time.time(), job_id, QUEUED))
+        self._query("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = ?", (job_id, IN_PROGRESS))
+        return self.get(job_id)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        rows = self._query("SELECT cancel_requested, status FROM jobs WHERE id = ?", (job_id,))
+        return not rows or bool(rows[0]["cancel_requested"])  # a deleted job is as good as canceled
+
+    def delete(self, job_id: str) -> bool:
+        """Remove a job and its files. A running job is flagged to stop first; its worker cleans up after it."""
+        self._query("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+        with self._lock:
+            deleted = self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount
+        shutil.rmtree(self.videos_dir / job_id, ignore_errors=True)
+        return bool(deleted)
+
+    def recover(self) -> list[str]:
+        """After a restart: queue again the jobs that were running, or fail those that keep dying. Returns their ids."""
+        interrupted = self._query("SELECT id, attempts FROM jobs WHERE status = ?", (IN_PROGRESS,))
+        for row in interrupted:
+            shutil.rmtree(self.videos_dir / row["id"], ignore_errors=True)  # whatever a dead run left is not served
+            if row["attempts"] >= MAX_ATTEMPTS:
+                self.finish(row["id"], FAILED, ("interrupted", f"the server stopped while this job ran, "
+                                                               f"{row['attempts']} times; submit it again"))
+            elif self._query("SELECT cancel_requested FROM jobs WHERE id = ?", (row["id"],))[0]["cancel_requested"]:
+                self.finish(row["id"], CANCELED)
+            else:
+                self._query("UPDATE jobs SET status = ?, progress = 0, phase = NULL WHERE id = ?", (QUEUED, row["id"]))
+        return [row["id"] for row in interrupted]
+
+    def prune(self, keep: int) -> int:
+        """Bound disk use: delete the oldest finished jobs beyond the newest `keep`. Returns how many went."""
+        rows = self._query(f"SELECT id FROM jobs WHERE status IN ({','.join('?' * len(FINISHED))}) "
+                           "ORDER BY seq DESC LIMIT -1 OFFSET ?", (*FINISHED, keep))
+        for row in rows:
+            self.delete(row["id"])
+        return len(rows)

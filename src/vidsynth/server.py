@@ -1,0 +1,289 @@
+"""`vidsynth serve`: the job API (/v1/videos), its event streams, and the web page, in one FastAPI app.
+
+The model is loaded once; one worker thread runs jobs from the SQLite queue (`jobs.py`, `worker.py`). Requests
+are validated by the same GenerationRequest as the CLI and the Python API. Errors are JSON:
+{"error": {"code", "message", "field", "fields": [{"field", "message"}]}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import secrets
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal, Optional
+
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from . import __version__
+from .devices import dtype_name
+from .errors import RequestError
+from .jobs import CANCELED, COMPLETED, FAILED, FINISHED, QUEUED, VARIANTS, IdempotencyConflict, JobStore
+from .request import GenerationRequest, field_errors
+from .worker import TERMINAL_EVENTS, EventLog, Worker
+
+TOKEN_COOKIE = "vidsynth_token"
+KEEPALIVE_SECONDS = 15.0
+EVENT_POLL_SECONDS = 0.05
+
+
+@dataclass
+class ServerSettings:
+    data_dir: Path
+    model: Optional[str] = None
+    device: str = "auto"
+    dtype: str = "auto"
+    offload: str = "none"
+    forward_chunking: bool = False
+    token: Optional[str] = None
+    max_queue: int = 100  # queued jobs beyond this get 429
+    keep_jobs: int = 500  # finished jobs (and their files) kept; older ones are deleted
+    max_body_bytes: int = 64 * 1024
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ApiError(HTTPException):
+    def __init__(self, status: int, code: str, message: str, field: Optional[str] = None, headers=None):
+        super().__init__(status, message, headers=headers)
+        self.code, self.field = code, field
+
+
+def _error_response(status: int, code: str, message: str, field: Optional[str] = None, fields=None, headers=None):
+    error = {"code": code, "message": message, "field": field, "fields": fields or ([{"field": field, "message": message}] if field else [])}
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
+    """The app. `pipeline` is loaded from `settings.model` at start-up unless one is given."""
+    state = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        nonlocal pipeline
+        if pipeline is None:
+            from .pipeline import load
+            pipeline = await asyncio.to_thread(load, settings.model, device=settings.device, dtype=settings.dtype,
+                                               offload=settings.offload, forward_chunking=settings.forward_chunking)
+        store = JobStore(settings.data_dir)
+        store.recover()
+        events = EventLog()
+        worker = Worker(pipeline, store, events, settings.keep_jobs)
+        state.update(store=store, events=events, worker=worker)
+        worker.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(worker.stop)
+            store.close()
+
+    app = FastAPI(title="vidsynth", version=__version__, lifespan=lifespan,
+                  description="Text-to-video jobs: submit, watch progress, fetch the video.")
+
+    # ------------------------------------------------------------------------------------------- guards and errors
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if request.method in ("POST", "PUT", "PATCH"):
+            if length is None and request.headers.get("transfer-encoding"):
+                return _error_response(411, "length_required", "send a Content-Length header")
+            if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+                return _error_response(413, "body_too_large", f"request body over {settings.max_body_bytes} bytes")
+        if settings.token and request.url.path != "/healthz":
+            if request.url.path == "/" and _same(request.query_params.get("token", ""), settings.token):
+                # A link with ?token= signs the browser in: the cookie lets <video src> and the page's requests through.
+                response = RedirectResponse("/", status_code=303)
+                response.set_cookie(TOKEN_COOKIE, settings.token, httponly=True, samesite="strict")
+                return response
+            if not _authorised(request, settings.token):
+                return _error_response(401, "unauthorized", "send Authorization: Bearer <token>",
+                                       headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        fields = field_errors(exc.errors())
+        first = fields[0]
+        return _error_response(422, "invalid_request", f"{first['field']}: {first['message']}", first["field"], fields)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        code = getattr(exc, "code", {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error"))
+        return _error_response(exc.status_code, code, str(exc.detail), getattr(exc, "field", None), headers=exc.headers)
+
+    def job_or_404(job_id: str) -> dict:
+        job = state["store"].get(job_id)
+        if job is None:
+            raise ApiError(404, "not_found", f"no video job {job_id!r}")
+        return job
+
+    # --------------------------------------------------------------------------------------------------- the API
+
+    @app.get("/healthz", tags=["server"])
+    def healthz():
+        return {"status": "ok", "version": __version__, "model": pipeline.name, "device": str(pipeline.device),
+                "dtype": dtype_name(pipeline.dtype), "queued": state["store"].queued_count(),
+                "running": state["worker"].current}
+
+    @app.post("/v1/videos", status_code=202, tags=["videos"])
+    def create_video(body: GenerationRequest, idempotency_key: Optional[str] = Header(None, max_length=255)):
+        """Queue a generation. The request's unset fields take the model's defaults; a missing seed is drawn now."""
+        store = state["store"]
+        replay = idempotency_key is not None and store.find_by_key(idempotency_key) is not None
+        if not replay and store.queued_count() >= settings.max_queue:
+            raise ApiError(429, "queue_full", f"{settings.max_queue} jobs are waiting; try again later",
+                           headers={"Retry-After": "10"})
+        try:
+            resolved = pipeline.prepare(body)
+        except RequestError as exc:
+            raise ApiError(422, "invalid_request", str(exc), exc.field) from None
+        try:
+            job, created = store.create(resolved.model_dump(mode="json"), resolved.total_videos, idempotency_key,
+                                        submitted=body.model_dump(mode="json", exclude_unset=True))
+        except IdempotencyConflict:
+            raise ApiError(409, "idempotency_conflict", "this Idempotency-Key was used with a different request") from None
+        if created:
+            state["worker"].wake()
+        return JSONResponse(job, status_code=202, headers={} if created else {"Idempotent-Replayed": "true"})
+
+    @app.get("/v1/videos", tags=["videos"])
+    def list_videos(limit: int = Query(20, ge=1, le=100), after: Optional[str] = Query(None, max_length=64)):
+        """Jobs, newest first. Pass the last id of a page as `after` for the next page."""
+        try:
+            jobs, has_more = state["store"].list(limit, after)
+        except KeyError:
+            raise ApiError(422, "invalid_request", f"after: no video job {after!r}", "after") from None
+        return {"object": "list", "data": jobs, "has_more": has_more, "last_id": jobs[-1]["id"] if jobs else None}
+
+    @app.get("/v1/videos/{job_id}", tags=["videos"])
+    def get_video(job_id: str):
+        return job_or_404(job_id)
+
+    @app.delete("/v1/videos/{job_id}", tags=["videos"])
+    def delete_video(job_id: str):
+        """Delete a job and its files; a running job is stopped first."""
+        job_or_404(job_id)
+        state["store"].delete(job_id)
+        return {"id": job_id, "object": "video.deleted", "deleted": True}
+
+    @app.post("/v1/videos/{job_id}/cancel", tags=["videos"])
+    def cancel_video(job_id: str):
+        """A queued job never starts; a running one stops within one denoising step."""
+        job = job_or_404(job_id)
+        if job["status"] in (COMPLETED, FAILED):
+            raise ApiError(409, "not_cancelable", f"the job has already {job['status']}")
+        job = state["store"].request_cancel(job_id)
+        if job["status"] == CANCELED:
+            state["events"].publish(job_id, CANCELED)
+        return job
+
+    @app.get("/v1/videos/{job_id}/content", tags=["videos"])
+    def video_content(job_id: str, variant: Literal[tuple(VARIANTS)] = "video", index: int = Query(0, ge=0)):
+        """The finished video (mp4), a thumbnail (png, the middle frame) or an animated gif. Answers Range requests."""
+        job = job_or_404(job_id)
+        if job["status"] != COMPLETED:
+            raise ApiError(409, "not_ready", f"the job is {job['status']}; content exists once it has completed")
+        if index >= job["outputs"]:
+            raise ApiError(422, "invalid_request", f"index: this job made {job['outputs']} video(s)", "index")
+        path = state["store"].output_path(job_id, index, variant)
+        if not path.is_file():
+            raise ApiError(404, "not_found", "the file is gone (deleted by retention)")
+        extension, media_type = VARIANTS[variant]
+        return FileResponse(path, media_type=media_type, filename=f"{job_id}-{index}.{extension}",
+                            content_disposition_type="inline")
+
+    @app.get("/v1/videos/{job_id}/events", tags=["videos"])
+    async def video_events(job_id: str):
+        """Server-sent events: queued, started, step, decoding, encoding, then completed, failed or canceled."""
+        job_or_404(job_id)
+        return StreamingResponse(_event_stream(job_id), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _event_stream(job_id: str):
+        store, events = state["store"], state["events"]
+        index, last_position, announced_running = 0, None, False
+        loop = asyncio.get_running_loop()
+        last_sent = loop.time()
+        while True:
+            for event in events.since(job_id, index):
+                index += 1
+                announced_running = True
+                last_sent = loop.time()
+                yield _sse(event)
+                if event["event"] in TERMINAL_EVENTS:
+                    return
+            job = store.get(job_id)
+            if job is None:
+                yield _sse({"event": "deleted", "id": job_id})
+                return
+            if job["status"] in FINISHED:
+                if events.since(job_id, index):
+                    continue  # the worker's own final event arrived meanwhile
+                yield _sse({"event": job["status"], "id": job_id, "error": job["error"]})
+                return
+            if job["status"] == QUEUED and job["queue_position"] != last_position:
+                last_position = job["queue_position"]
+                last_sent = loop.time()
+                yield _sse({"event": "queued", "id": job_id, "queue_position": last_position})
+            elif job["status"] != QUEUED and not announced_running:
+                # Joined while another process's run was underway (or before its first event): say where it is.
+                announced_running = True
+                yield _sse({"event": "started", "id": job_id, "progress": job["progress"], "phase": job["phase"]})
+            if loop.time() - last_sent > KEEPALIVE_SECONDS:
+                last_sent = loop.time()
+                yield ": keep-alive\n\n"
+            await asyncio.sleep(EVENT_POLL_SECONDS)
+
+    # -------------------------------------------------------------------------------------------------- the page
+
+    web = resources.files("vidsynth") / "web"
+    app.mount("/static", StaticFiles(directory=str(web)), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def index():
+        return FileResponse(str(web / "index.html"), media_type="text/html")
+
+    @app.get("/v1/settings", tags=["server"])
+    def request_settings():
+        """What the page's form needs: the model's defaults, the schedulers, and the request schema with its limits."""
+        return {"model": pipeline.name, "defaults": pipeline.defaults.as_dict(),
+                "schema": GenerationRequest.model_json_schema()}
+
+    return app
+
+
+def _sse(event: dict) -> str:
+    return f"event: {event['event']}\ndata: {json.dumps(event)}\n\n"
+
+
+def _authorised(request: Request, token: str) -> bool:
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() == "bearer" and _same(given.strip(), token):
+        return True
+    return _same(request.cookies.get(TOKEN_COOKIE, ""), token)
+
+
+def _same(given: str, token: str) -> bool:
+    return secrets.compare_digest(given.encode(), token.encode())
+
+
+def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    import uvicorn
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)

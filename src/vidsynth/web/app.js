@@ -1,0 +1,203 @@
+// The vidsynth page: a form that posts to /v1/videos, a live view of the job from its event stream, and a history.
+"use strict";
+
+const FIELDS = ["prompt", "negative_prompt", "seed", "frames", "width", "height", "steps", "guidance", "scheduler"];
+const NUMBERS = new Set(["seed", "frames", "width", "height", "steps", "guidance"]);
+const $ = (id) => document.getElementById(id);
+let current = null; // the job shown in the job panel
+let stream = null; // its EventSource
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { headers: { "Content-Type": "application/json" }, ...options });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const error = new Error(body.error?.message || `HTTP ${response.status}`);
+    error.status = response.status;
+    error.fields = body.error?.fields || [];
+    throw error;
+  }
+  return body;
+}
+
+function clearErrors() {
+  document.querySelectorAll(".field-error").forEach((node) => (node.textContent = ""));
+  document.querySelectorAll(".invalid").forEach((node) => node.classList.remove("invalid"));
+}
+
+function showError(error) {
+  let placed = false;
+  for (const { field, message } of error.fields || []) {
+    const slot = document.querySelector(`[data-error-for="${field.split(".")[0]}"]`);
+    if (slot) {
+      slot.textContent = message;
+      $(field.split(".")[0])?.classList.add("invalid");
+      if (field !== "prompt" && field !== "negative_prompt") $("advanced").open = true;
+      placed = true;
+    }
+  }
+  if (!placed) $("form-error").textContent = error.message;
+}
+
+function readForm() {
+  const request = {};
+  for (const name of FIELDS) {
+    const value = $(name).value.trim();
+    if (value === "" && name !== "prompt") continue;
+    request[name] = NUMBERS.has(name) ? Number(value) : value;
+  }
+  return request;
+}
+
+function fillForm(request) {
+  for (const name of FIELDS) {
+    const value = request[name];
+    $(name).value = Array.isArray(value) ? value[0] : (value ?? "");
+  }
+  $("advanced").open = true;
+  window.scrollTo({ top: 0, behavior: "smooth" });
+}
+
+async function submit(event) {
+  event.preventDefault();
+  clearErrors();
+  $("submit").disabled = true;
+  try {
+    const job = await api("/v1/videos", { method: "POST", body: JSON.stringify(readForm()),
+                                          headers: { "Content-Type": "application/json", "Idempotency-Key": crypto.randomUUID() } });
+    show(job);
+    refreshHistory();
+  } catch (error) {
+    if (error.status === 401) return askForToken();
+    showError(error);
+  } finally {
+    $("submit").disabled = false;
+  }
+}
+
+function askForToken() {
+  const token = prompt("This server needs its access token:");
+  if (token) location.href = "/?token=" + encodeURIComponent(token);
+}
+
+function describe(job) {
+  if (job.status === "queued") return `queued (${job.queue_position} ahead)`;
+  if (job.status === "failed") return `failed: ${job.error?.message || "unknown error"}`;
+  return job.status.replace("_", " ");
+}
+
+function show(job) {
+  current = job;
+  if (stream) stream.close();
+  const request = job.request;
+  $("job").hidden = false;
+  $("job-prompt").textContent = `${[].concat(request.prompt)[0]} (seed ${request.seed})`;
+  $("job-status").textContent = describe(job);
+  $("progress").value = job.progress;
+  $("phase").textContent = "";
+  $("player").hidden = true;
+  $("player").removeAttribute("src");
+  $("download").hidden = true;
+  $("reuse").hidden = false;
+  $("cancel").hidden = !["queued", "in_progress"].includes(job.status);
+  if (job.status === "completed") return play(job);
+  if (["queued", "in_progress"].includes(job.status)) follow(job.id);
+}
+
+function follow(id) {
+  stream = new EventSource(`/v1/videos/${id}/events`);
+  const on = (name, handler) => stream.addEventListener(name, (message) => current?.id === id && handler(JSON.parse(message.data)));
+  on("queued", (data) => { $("job-status").textContent = `queued (${data.queue_position} ahead)`; });
+  on("started", () => { $("job-status").textContent = "in progress"; $("phase").textContent = "encoding the prompt"; });
+  on("step", (data) => {
+    $("job-status").textContent = "in progress";
+    $("progress").value = data.progress;
+    const which = data.videos > 1 ? ` (video ${data.video + 1}/${data.videos})` : "";
+    $("phase").textContent = `denoising step ${data.step}/${data.total}${which}`;
+  });
+  on("decoding", (data) => { $("progress").value = data.progress; $("phase").textContent = `decoding frames ${data.step}/${data.total}`; });
+  on("encoding", () => { $("phase").textContent = "writing the video"; });
+  for (const end of ["completed", "failed", "canceled", "deleted"]) {
+    on(end, async () => {
+      stream.close();
+      if (end === "deleted") return;
+      show(await api(`/v1/videos/${id}`));
+      refreshHistory();
+    });
+  }
+}
+
+function play(job) {
+  const url = `/v1/videos/${job.id}/content?variant=video`;
+  $("progress").value = 100;
+  $("player").src = url;
+  $("player").hidden = false;
+  $("player").play().catch(() => {}); // autoplay may be refused; the controls are there
+  $("download").href = url;
+  $("download").download = `${job.id}.mp4`;
+  $("download").hidden = false;
+  $("cancel").hidden = true;
+}
+
+async function cancel() {
+  if (!current) return;
+  try {
+    show(await api(`/v1/videos/${current.id}/cancel`, { method: "POST" }));
+  } catch (error) {
+    $("phase").textContent = error.message;
+  }
+}
+
+async function refreshHistory() {
+  let page;
+  try {
+    page = await api("/v1/videos?limit=50");
+  } catch (error) {
+    if (error.status === 401) return askForToken();
+    throw error;
+  }
+  const list = $("history");
+  list.replaceChildren();
+  $("history-empty").hidden = page.data.length > 0;
+  for (const job of page.data) {
+    const item = document.createElement("li");
+    item.dataset.id = job.id;
+    const thumbnail = document.createElement("img");
+    thumbnail.alt = "";
+    if (job.status === "completed") thumbnail.src = `/v1/videos/${job.id}/content?variant=thumbnail`;
+    thumbnail.addEventListener("click", () => show(job));
+    const text = document.createElement("div");
+    text.className = "text";
+    const title = document.createElement("div");
+    title.textContent = [].concat(job.request.prompt)[0];
+    const details = document.createElement("div");
+    details.className = "muted";
+    details.textContent = `seed ${job.request.seed} · ${describe(job)}`;
+    text.append(title, details);
+    text.addEventListener("click", () => show(job));
+    const reuse = document.createElement("button");
+    reuse.type = "button";
+    reuse.className = "secondary reuse";
+    reuse.textContent = "Use these settings";
+    reuse.addEventListener("click", () => fillForm(job.request));
+    item.append(thumbnail, text, reuse);
+    list.append(item);
+  }
+}
+
+async function start() {
+  $("form").addEventListener("submit", submit);
+  $("cancel").addEventListener("click", cancel);
+  $("reuse").addEventListener("click", () => current && fillForm(current.request));
+  try {
+    const settings = await api("/v1/settings");
+    $("model").textContent = `model: ${settings.model}`;
+    for (const name of settings.schema.properties.scheduler.enum) $("scheduler").add(new Option(name, name));
+    for (const [name, value] of Object.entries(settings.defaults)) if ($(name)) $(name).placeholder = value;
+  } catch (error) {
+    if (error.status === 401) return askForToken();
+    $("form-error").textContent = error.message;
+  }
+  refreshHistory();
+}
+
+start();

@@ -1,0 +1,150 @@
+"""The server's worker: one thread per device takes queued jobs one at a time, runs them through the pipeline and
+writes their files; and the in-memory event log that the server streams to clients as server-sent events.
+
+Progress arrives through the same `Event` callback the CLI's progress bar uses; the callback also checks the job's
+cancel flag, so a cancel or delete stops a running job within one denoising step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from typing import Optional
+
+from PIL import Image
+
+from .errors import Cancelled, RequestError, VidsynthError
+from .events import Event
+from .jobs import CANCELED, COMPLETED, FAILED, JobStore
+from .request import GenerationRequest
+from .video import write_video
+
+log = logging.getLogger("vidsynth.server")
+TERMINAL_EVENTS = (COMPLETED, FAILED, CANCELED)
+# Event names clients see, by pipeline phase.
+EVENT_NAMES = {"denoise": "step", "decode": "decoding", "write": "encoding"}
+
+
+class EventLog:
+    """What happened to each recent job, in order, for the event streams. Bounded: old jobs' logs are dropped."""
+
+    def __init__(self, jobs_kept: int = 256):
+        self._events: OrderedDict[str, list[dict]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._jobs_kept = jobs_kept
+
+    def publish(self, job_id: str, name: str, **data) -> None:
+        with self._lock:
+            events = self._events.setdefault(job_id, [])
+            self._events.move_to_end(job_id)
+            events.append({"event": name, "id": job_id, "time": time.time(), **data})
+            while len(self._events) > self._jobs_kept:
+                self._events.popitem(last=False)
+
+    def since(self, job_id: str, index: int) -> list[dict]:
+        with self._lock:
+            return list(self._events.get(job_id, ())[index:])
+
+
+class ServerStopping(Exception):
+    """Raised from the progress callback when the server shuts down mid-job; the job goes back to the queue."""
+
+
+class Worker:
+    def __init__(self, pipeline, store: JobStore, events: EventLog, keep_jobs: int):
+        self.pipeline, self.store, self.events, self.keep_jobs = pipeline, store, events, keep_jobs
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="vidsynth-worker", daemon=True)
+        self.current: Optional[str] = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def wake(self) -> None:
+        """A job was submitted."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            job = self.store.claim_next()
+            if job is None:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            self.current = job["id"]
+            try:
+                self._run(job)
+            except Exception:  # never let one job take the worker down
+                log.exception("job %s crashed the worker loop", job["id"])
+            finally:
+                self.current = None
+            self.store.prune(self.keep_jobs)
+
+    def _run(self, job: dict) -> None:
+        job_id = job["id"]
+        self.events.publish(job_id, "started", attempt=job["attempts"])
+        request = GenerationRequest.model_validate(job["request"])
+
+        def on_event(event: Event) -> None:
+            if self._stopping.is_set():
+                raise ServerStopping()
+            if self.store.cancel_requested(job_id):
+                raise Cancelled("canceled")
+            self.store.set_progress(job_id, event.progress, event.phase)
+            if event.phase in EVENT_NAMES:
+                self.events.publish(job_id, EVENT_NAMES[event.phase], step=event.step, total=event.total,
+                                    video=event.video, videos=event.videos, progress=round(event.progress * 100, 1))
+
+        try:
+            videos = self.pipeline.generate(request, on_event)
+            on_event(Event("write", 0, 1, len(videos) - 1, len(videos)))
+            self._write_outputs(job_id, videos)
+        except ServerStopping:
+            self.store.requeue(job_id)
+            return
+        except Cancelled:
+            self._finish(job_id, CANCELED)
+            return
+        except RequestError as exc:
+            self._finish(job_id, FAILED, ("invalid_request", str(exc)))
+            return
+        except VidsynthError as exc:
+            self._finish(job_id, FAILED, (type(exc).__name__, str(exc)))
+            return
+        except Exception as exc:
+            log.exception("job %s failed", job_id)
+            self._finish(job_id, FAILED, ("internal_error", f"{type(exc).__name__}: {exc}"))
+            return
+        if self.store.get(job_id) is None:  # deleted while its files were being written
+            shutil.rmtree(self.store.videos_dir / job_id, ignore_errors=True)
+            return
+        self._finish(job_id, COMPLETED)
+
+    def _finish(self, job_id: str, status: str, error: Optional[tuple[str, str]] = None) -> None:
+        shutil.rmtree(self.store.videos_dir / f".{job_id}.partial", ignore_errors=True)
+        self.store.finish(job_id, status, error)
+        details = {"error": {"code": error[0], "message": error[1]}} if error else {}
+        self.events.publish(job_id, status, **details)
+
+    def _write_outputs(self, job_id: str, videos) -> None:
+        """All files into a hidden folder, renamed into place at once: a job's files are all there or none are."""
+        partial = self.store.videos_dir / f".{job_id}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        for index, video in enumerate(videos):
+            write_video(partial / f"{index}.mp4", video.frames, video.fps, video.settings, sidecar=False)
+            write_video(partial / f"{index}.gif", video.frames, video.fps, video.settings, sidecar=False)
+            Image.fromarray(video.frames[len(video.frames) // 2]).save(partial / f"{index}.png")
+        final = self.store.videos_dir / job_id
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)

@@ -1,0 +1,288 @@
+"""The job API over real HTTP on loopback, with the shipped model."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import LiveServer, read_events
+from vidsynth.request import MAX_FRAMES, MAX_SIDE
+from vidsynth.server import ServerSettings, create_app
+from vidsynth.video import read_frames
+
+PROMPT = "a blue square moving up on a white background"
+FAST = {"frames": 8, "steps": 4}
+SLOW = {"frames": 16, "steps": 400}  # long enough to be caught running, and cancelled
+
+
+@pytest.fixture(scope="module")
+def server(shipped_pipeline, tmp_path_factory):
+    data = tmp_path_factory.mktemp("server-data")
+    with LiveServer(create_app(ServerSettings(data_dir=data), pipeline=shipped_pipeline)) as live:
+        live.data_dir = data
+        yield live
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+def submit(client, **fields) -> dict:
+    response = client.post("/v1/videos", json={"prompt": PROMPT, **fields})
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def wait_for(client, job_id: str, statuses=("completed", "failed", "canceled"), timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/videos/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        assert time.monotonic() < deadline, f"job stuck in {job['status']}"
+        time.sleep(0.05)
+
+
+def wait_until_running(client, job_id: str) -> None:
+    with client.stream("GET", f"/v1/videos/{job_id}/events") as response:
+        for event in read_events(response):
+            if event["event"] == "step":
+                return
+    raise AssertionError("the job never reached a denoising step")
+
+
+def test_submit_stream_poll_and_fetch(client):
+    job = submit(client, seed=7, **FAST)
+    assert job["status"] in ("queued", "in_progress") and job["request"]["seed"] == 7
+    assert job["request"]["height"] == 64 and job["request"]["guidance"] == 4.0  # the model's defaults, resolved
+
+    with client.stream("GET", f"/v1/videos/{job['id']}/events") as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = list(read_events(response))
+    names = [e["event"] for e in events]
+    assert names[-1] == "completed"
+    steps = [e["step"] for e in events if e["event"] == "step"]
+    assert steps == list(range(steps[0], 5)) and steps[-1] == 4
+    assert names.index("decoding") > names.index("step") and "encoding" in names
+
+    done = client.get(f"/v1/videos/{job['id']}").json()
+    assert done["status"] == "completed" and done["progress"] == 100 and done["completed_at"] >= done["started_at"]
+
+    video = client.get(f"/v1/videos/{job['id']}/content")
+    assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
+    frames = _decode_mp4(video.content)
+    assert frames.shape == (8, 64, 64, 3)
+
+    partial = client.get(f"/v1/videos/{job['id']}/content", headers={"Range": "bytes=10-109"})
+    assert partial.status_code == 206
+    assert partial.content == video.content[10:110]
+    assert partial.headers["content-range"] == f"bytes 10-109/{len(video.content)}"
+
+    thumbnail = client.get(f"/v1/videos/{job['id']}/content", params={"variant": "thumbnail"})
+    assert thumbnail.headers["content-type"] == "image/png"
+    middle = np.asarray(Image.open(io.BytesIO(thumbnail.content)).convert("RGB")).astype(int)
+    assert middle.shape == (64, 64, 3) and np.abs(middle - frames[4]).mean() < 8  # the mp4 frame is lossy
+    gif = client.get(f"/v1/videos/{job['id']}/content", params={"variant": "gif"})
+    assert gif.headers["content-type"] == "image/gif" and Image.open(io.BytesIO(gif.content)).n_frames == 8
+
+
+def _decode_mp4(data: bytes) -> np.ndarray:
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as handle:
+        handle.write(data)
+        handle.flush()
+        frames, fps = read_frames(handle.name)
+    assert fps == 8
+    return frames
+
+
+def test_same_seed_same_video_and_a_drawn_seed_is_reported(client):
+    first, second = submit(client, seed=3, **FAST), submit(client, seed=3, **FAST)
+    drawn = submit(client, **FAST)
+    for job in (first, second, drawn):
+        assert wait_for(client, job["id"])["status"] == "completed"
+    assert isinstance(drawn["request"]["seed"], int)
+    videos = [_decode_mp4(client.get(f"/v1/videos/{job['id']}/content").content) for job in (first, second)]
+    assert np.array_equal(*videos), np.abs(videos[0].astype(int) - videos[1]).max()
+
+
+def test_cancel_a_queued_job_and_a_running_one(client):
+    running = submit(client, **SLOW)
+    queued = submit(client, **FAST)
+    wait_until_running(client, running["id"])
+
+    canceled = client.post(f"/v1/videos/{queued['id']}/cancel").json()
+    assert canceled["status"] == "canceled"
+
+    with client.stream("GET", f"/v1/videos/{running['id']}/events") as response:
+        stream = read_events(response)
+        client.post(f"/v1/videos/{running['id']}/cancel")
+        rest = list(stream)
+    assert rest[-1]["event"] == "canceled" and not any(e["event"] == "decoding" for e in rest)
+    stopped = wait_for(client, running["id"], timeout=10)
+    assert stopped["status"] == "canceled" and stopped["progress"] < 90
+
+    time.sleep(0.5)
+    never_ran = client.get(f"/v1/videos/{queued['id']}").json()
+    assert never_ran["status"] == "canceled" and never_ran["started_at"] is None
+    assert client.get(f"/v1/videos/{running['id']}/content").status_code == 409
+
+    finished = submit(client, **FAST)
+    wait_for(client, finished["id"])
+    refused = client.post(f"/v1/videos/{finished['id']}/cancel")
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "not_cancelable"
+
+
+def test_cancel_takes_effect_within_a_step(client):
+    job = submit(client, **SLOW)
+    wait_until_running(client, job["id"])
+    client.post(f"/v1/videos/{job['id']}/cancel")
+    flagged_at = time.time()  # the server runs in this process: one clock
+    with client.stream("GET", f"/v1/videos/{job['id']}/events") as response:
+        events = list(read_events(response))
+    late_steps = [e for e in events if e["event"] == "step" and e["time"] > flagged_at]
+    # The step running when the flag was set may still report; the next callback stops the job.
+    assert len(late_steps) <= 1, late_steps
+    assert events[-1]["event"] == "canceled"
+    assert client.get(f"/v1/videos/{job['id']}").json()["status"] == "canceled"
+
+
+def test_delete_removes_the_job_and_its_files(client, server):
+    job = submit(client, **FAST)
+    wait_for(client, job["id"])
+    folder = server.data_dir / "videos" / job["id"]
+    assert (folder / "0.mp4").is_file()
+    deleted = client.delete(f"/v1/videos/{job['id']}")
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+    assert client.get(f"/v1/videos/{job['id']}").status_code == 404
+    assert client.get(f"/v1/videos/{job['id']}/content").status_code == 404
+    assert not folder.exists()
+
+    running = submit(client, **SLOW)
+    wait_until_running(client, running["id"])
+    assert client.delete(f"/v1/videos/{running['id']}").status_code == 200
+    deadline = time.monotonic() + 10
+    while client.get("/healthz").json()["running"] == running["id"]:
+        assert time.monotonic() < deadline, "the deleted job kept running"
+        time.sleep(0.05)
+    assert not (server.data_dir / "videos" / running["id"]).exists()
+
+
+def test_idempotency_key_returns_the_same_job(client):
+    body = {"prompt": PROMPT, **FAST}
+    first = client.post("/v1/videos", json=body, headers={"Idempotency-Key": "retry-1"})
+    again = client.post("/v1/videos", json=body, headers={"Idempotency-Key": "retry-1"})
+    assert first.status_code == again.status_code == 202
+    assert again.json()["id"] == first.json()["id"] and again.headers["idempotent-replayed"] == "true"
+    assert again.json()["request"]["seed"] == first.json()["request"]["seed"]
+    other = client.post("/v1/videos", json={**body, "steps": 5}, headers={"Idempotency-Key": "retry-1"})
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_conflict"
+    listed = client.get("/v1/videos", params={"limit": 100}).json()["data"]
+    assert [j["id"] for j in listed].count(first.json()["id"]) == 1
+    wait_for(client, first.json()["id"])
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   "}, "prompt"),
+    ({"frames": 0}, "frames"),
+    ({"frames": MAX_FRAMES + 1}, "frames"),
+    ({"height": 60}, "height"),
+    ({"width": 0}, "width"),
+    ({"width": MAX_SIDE + 8}, "width"),
+    ({"steps": 0}, "steps"),
+    ({"guidance": -1}, "guidance"),
+    ({"guidance": "NaN"}, "guidance"),
+    ({"scheduler": "ddpm-fancy"}, "scheduler"),
+    ({"seed": -1}, "seed"),
+    ({"num_videos": 0}, "num_videos"),
+    ({"colour": "red"}, "colour"),
+    ({"prompt": None}, "prompt"),
+])
+def test_bad_requests_get_422_naming_the_field(client, fields, field):
+    response = client.post("/v1/videos", json={"prompt": PROMPT, **fields})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["field"] == field and field in error["message"] and error["code"] == "invalid_request"
+
+
+def test_malformed_json_and_oversized_bodies(client):
+    response = client.post("/v1/videos", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    response = client.post("/v1/videos", json={"prompt": "x" * 100_000})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+
+
+@pytest.mark.parametrize("job_id", ["video_000000000000000000000000", "nope", "..%2F..%2Fjobs.sqlite3",
+                                    "video_%2E%2E"])
+def test_unknown_ids_get_404(client, job_id):
+    for method, path in [("GET", ""), ("DELETE", ""), ("POST", "/cancel"), ("GET", "/content"), ("GET", "/events")]:
+        response = client.request(method, f"/v1/videos/{job_id}{path}")
+        assert response.status_code == 404, (method, path, response.text)
+
+
+def test_list_is_newest_first_and_pages(client):
+    ids = [submit(client, **FAST)["id"] for _ in range(3)]
+    first = client.get("/v1/videos", params={"limit": 2}).json()
+    assert [j["id"] for j in first["data"]] == ids[::-1][:2] and first["has_more"]
+    second = client.get("/v1/videos", params={"limit": 2, "after": first["last_id"]}).json()
+    assert second["data"][0]["id"] == ids[0]
+    assert client.get("/v1/videos", params={"limit": 0}).status_code == 422
+    assert client.get("/v1/videos", params={"after": "video_000000000000000000000000"}).status_code == 422
+    for job_id in ids:
+        wait_for(client, job_id)
+
+
+def test_health_and_docs(client):
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["model"] == "vidsynth-tiny"
+    assert client.get("/docs").status_code == 200
+    assert "/v1/videos" in client.get("/openapi.json").json()["paths"]
+
+
+def test_full_queue_gets_429(shipped_pipeline, tmp_path):
+    app = create_app(ServerSettings(data_dir=tmp_path, max_queue=2), pipeline=shipped_pipeline)
+    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=60) as client:
+        busy = submit(client, **SLOW)
+        wait_until_running(client, busy["id"])
+        waiting = [submit(client, **FAST) for _ in range(2)]
+        refused = client.post("/v1/videos", json={"prompt": PROMPT})
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
+        assert "retry-after" in refused.headers
+        for job in (busy, *waiting):
+            client.post(f"/v1/videos/{job['id']}/cancel")
+
+
+def test_token_guards_every_route_but_health(shipped_pipeline, tmp_path):
+    app = create_app(ServerSettings(data_dir=tmp_path, token="s3cret"), pipeline=shipped_pipeline)
+    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=60) as client:
+        assert client.get("/healthz").status_code == 200
+        for method, path in [("GET", "/v1/videos"), ("POST", "/v1/videos"), ("GET", "/"), ("GET", "/docs"),
+                             ("GET", "/static/app.js"), ("GET", "/v1/videos/video_000000000000000000000000")]:
+            response = client.request(method, path, json={"prompt": PROMPT} if method == "POST" else None)
+            assert response.status_code == 401, path
+            assert response.json()["error"]["code"] == "unauthorized"
+        wrong = client.get("/v1/videos", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        right = client.get("/v1/videos", headers={"Authorization": "Bearer s3cret"})
+        assert right.status_code == 200
+
+        signed_in = client.get("/", params={"token": "s3cret"}, follow_redirects=True)
+        assert signed_in.status_code == 200 and "<title>vidsynth</title>" in signed_in.text
+        assert client.get("/v1/videos").status_code == 200  # the cookie set by /?token=
+
+
+def test_serve_refuses_a_public_address_without_a_token(tmp_path):
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "vidsynth.cli", "serve", "--host", "0.0.0.0", "--data-dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "without a token" in done.stderr
