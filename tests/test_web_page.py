@@ -1,0 +1,97 @@
+"""The web page in a real headless Chromium (the system's, driven by Playwright), against a live server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from conftest import LiveServer
+from vidsynth.server import ServerSettings, create_app
+from vidsynth.video import read_frames
+
+
+def chromium_path() -> str:
+    path = os.environ.get("VIDSYNTH_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    assert path, "the browser test needs Chromium: apt-get install chromium (or set VIDSYNTH_CHROMIUM)"
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def site(shipped_pipeline, tmp_path_factory):
+    data = tmp_path_factory.mktemp("web-data")
+    with LiveServer(create_app(ServerSettings(data_dir=data), pipeline=shipped_pipeline)) as live:
+        yield live
+
+
+def test_make_watch_download_cancel_and_history(browser, site, artifacts, tmp_path):
+    page = browser.new_page(viewport={"width": 390, "height": 844}, accept_downloads=True)  # a phone's width
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(site.url)
+    page.wait_for_function("document.querySelector('#scheduler').options.length > 0")
+
+    # A bad setting is shown next to its field.
+    page.fill("#prompt", "a red circle moving left on a black background")
+    page.click("summary")
+    page.fill("#frames", "0")
+    page.click("#submit")
+    page.wait_for_function("document.querySelector('[data-error-for=frames]').textContent.length > 0")
+    assert "greater than or equal to 1" in page.text_content("[data-error-for=frames]")
+
+    # Make a video and watch the progress move.
+    page.fill("#frames", "16")
+    page.fill("#steps", "60")
+    page.fill("#seed", "5")
+    page.click("#submit")
+    page.wait_for_function("document.querySelector('#progress').value > 5 && document.querySelector('#progress').value < 100")
+    assert "denoising step" in page.text_content("#phase")
+    page.wait_for_function("!document.querySelector('#player').hidden", timeout=120_000)
+    page.wait_for_function("document.querySelector('#player').readyState >= 2 && document.querySelector('#player').duration > 0",
+                           timeout=30_000)
+    assert not page.is_visible("#cancel") and page.is_visible("#download")
+    page.evaluate("document.querySelector('#player').play()")
+    page.wait_for_function("document.querySelector('#player').currentTime > 0")
+    assert page.evaluate("document.querySelector('#player').error") is None
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling on a phone
+    page.screenshot(path=str(artifacts / "web-page.png"), full_page=True)
+
+    with page.expect_download() as download:
+        page.click("#download")
+    saved = tmp_path / "download.mp4"
+    download.value.save_as(saved)
+    frames, fps = read_frames(saved)
+    assert frames.shape == (16, 64, 64, 3) and fps == 8
+
+    # A long job, cancelled from the page.
+    page.fill("#steps", "400")
+    page.click("#submit")
+    page.wait_for_function("document.querySelector('#phase').textContent.includes('denoising step')")
+    page.click("#cancel")
+    page.wait_for_function("document.querySelector('#job-status').textContent === 'canceled'")
+    assert not page.is_visible("#cancel") and not page.is_visible("#player")
+
+    # After a reload the history lists both jobs; "use these settings" refills the form.
+    page.reload()
+    page.wait_for_function("document.querySelectorAll('#history li').length >= 2")
+    items = page.locator("#history li")
+    assert "canceled" in items.nth(0).text_content() and "completed" in items.nth(1).text_content()
+    assert "seed 5" in items.nth(1).text_content()
+    page.wait_for_function("document.querySelector('#history li:nth-child(2) img').naturalWidth > 0")
+    items.nth(1).locator("button.reuse").click()
+    assert page.input_value("#seed") == "5" and page.input_value("#steps") == "60"
+    items.nth(1).locator(".text").click()
+    page.wait_for_function("document.querySelector('#player').readyState >= 2")
+    page.screenshot(path=str(artifacts / "web-page-history.png"), full_page=True)
+    assert errors == []
+    page.close()
