@@ -1,11 +1,9 @@
 """The full-size ms-1.7b configuration with random weights: ModelScope's own classes build it, vidsynth converts every
 component, the converted UNet matches ModelScope's, and the whole pipeline runs one denoising step at the native
-16 x 256 x 256. Marked slow and deselected by default: it currently needs more than the 24 GiB of RAM of a CI
-machine. Run it with `python -m pytest -m slow`."""
+16 x 256 x 256 in bfloat16. About 2 minutes and 10 GiB of RAM on a 2-core CPU."""
 
 import gc
 
-import pytest
 import torch
 
 from conftest import randomize
@@ -26,7 +24,6 @@ SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3
           "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 
 
-@pytest.mark.slow
 def test_full_size_model_converts_matches_and_runs_a_step():
     torch.manual_seed(0)
     cfg = MS_1_7B

@@ -113,3 +113,20 @@ def test_request_is_resolved_against_model_defaults(tiny_pipeline):
     resolved = GenerationRequest(prompt="x").resolve(tiny_pipeline.defaults)
     assert (resolved.frames, resolved.steps, resolved.guidance) == (16, 50, 9.0)
     assert resolved.seed is not None
+
+
+def test_generation_never_records_autograd_history():
+    # Modules built by hand (not through load) still require grad; generation must not keep their activations.
+    from conftest import build_diffusers_pipeline
+    from vidsynth.loading import Components
+    from vidsynth.pipeline import Pipeline
+    from vidsynth.request import ModelDefaults
+    parts = build_diffusers_pipeline(seed=4)
+    for module in (parts.unet, parts.vae, parts.text_encoder):
+        module.requires_grad_(True)
+    components = Components(tokenizer=parts.tokenizer, text_encoder=parts.text_encoder, unet=parts.unet, vae=parts.vae,
+                            schedule=None, defaults=ModelDefaults(frames=2, height=32, width=32, steps=2), name="by hand")
+    seen = []
+    Pipeline(components, torch.device("cpu"), torch.float32)("a prompt", progress=False,
+                                                             callback=lambda event: seen.append(torch.is_grad_enabled()))
+    assert seen and not any(seen)

@@ -92,6 +92,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------------ the main loop
 
+    @torch.inference_mode()  # modules built by hand may still require grad: never keep activations for autograd
     def generate(self, request: GenerationRequest, callback: Callback = None) -> list[Video]:
         """Make every video the request asks for. Raise Cancelled (from the callback) to stop."""
         request = self.prepare(request)
