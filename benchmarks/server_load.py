@@ -10,6 +10,7 @@ exactly once and how fast status requests were answered while the worker was bus
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import subprocess
@@ -84,6 +85,16 @@ def run_load(url: str, clients: int, jobs_per_client: int, settings: dict = TINY
     }
 
 
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clients", type=int, default=20)
@@ -92,7 +103,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as data:
         server = subprocess.Popen([sys.executable, "-m", "vidsynth.cli", "serve", "--port", str(args.port),
-                                   "--data-dir", data, "--max-queue", "1000"], stderr=subprocess.DEVNULL)
+                                   "--data-dir", data, "--max-queue", "1000"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             url = f"http://127.0.0.1:{args.port}"
             for _ in range(600):
@@ -106,8 +118,8 @@ def main() -> None:
             server.terminate()
             server.wait(30)
     print(f"Command: `python benchmarks/server_load.py --clients {args.clients} --jobs {args.jobs}`  ")
-    print(f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}; "
-          f"date {date.today()}. Job settings: {TINY}.\n")
+    print(f"Machine: {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}; date {date.today()}. "
+          f"Job settings: {TINY}.\n")
     print("| measure | value |\n|---|---|")
     for key in ("jobs", "completed", "distinct_ids", "listed", "wall_seconds", "status_requests", "status_p50_ms",
                 "status_p99_ms", "status_max_ms"):
