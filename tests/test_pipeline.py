@@ -33,7 +33,7 @@ def test_seed_left_out_is_drawn_and_recorded(tiny_pipeline):
     assert isinstance(video.seed, int) and video.seed >= 0
     assert np.array_equal(video.frames, frames_of(tiny_pipeline, "a red circle", seed=video.seed))
     expected_keys = {"prompt", "negative_prompt", "seed", "steps", "guidance", "scheduler", "eta", "frames", "height",
-                     "width", "fps", "model", "dtype", "vidsynth_version"}
+                     "width", "fps", "model", "dtype", "vidsynth_version", "preset", "cache_interval", "guidance_fraction"}
     assert set(video.settings) == expected_keys
 
 

@@ -1,6 +1,5 @@
 """Video files: decoded back with PyAV and checked for what browsers and players need."""
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -111,14 +110,3 @@ def test_notebook_display_embeds_a_playable_mp4():
     with av.open(io.BytesIO(data)) as container:
         assert container.streams.video[0].codec_context.name == "h264"
 
-
-def test_the_same_frames_give_the_same_mp4_bytes(tmp_path):
-    # Same seed, same file: the colour conversion must not vary between runs.
-    from vidsynth.data import ClipSpec, render
-    frames = render(ClipSpec("red", "circle", "left", "gray"), 16, 64, np.random.default_rng(0))
-    frames = (frames.astype(np.int16) + np.random.default_rng(1).integers(-20, 20, frames.shape)).clip(0, 255).astype(np.uint8)
-    digests = set()
-    for attempt in range(40):
-        path = write_video(tmp_path / f"{attempt}.mp4", frames, 8, {"seed": 1}, sidecar=False)
-        digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
-    assert len(digests) == 1

@@ -15,15 +15,17 @@ from . import __version__
 from .devices import DEVICE_CHOICES, DTYPE_CHOICES
 from .errors import OutputError, RequestError, VidsynthError
 from .pipeline import OFFLOAD_MODES
-from .request import SCHEDULERS, GenerationRequest
+from .request import PRESETS, SCHEDULERS, GenerationRequest
 
 # GenerationRequest field -> the CLI flag that sets it, so errors name what the user typed.
 FLAGS = {
     "prompt": "PROMPT", "negative_prompt": "--negative", "seed": "--seed", "frames": "--frames", "height": "--height",
     "width": "--width", "steps": "--steps", "guidance": "--guidance", "scheduler": "--scheduler", "eta": "--eta",
-    "fps": "--fps", "num_videos": "--num-videos", "device": "--device", "dtype": "--dtype", "offload": "--offload",
+    "fps": "--fps", "num_videos": "--num-videos", "preset": "--preset", "cache_interval": "--cache-interval",
+    "guidance_fraction": "--guidance-fraction", "device": "--device", "dtype": "--dtype", "offload": "--offload",
 }
-REPLAYED = ("prompt", "negative_prompt", "seed", "frames", "height", "width", "steps", "guidance", "scheduler", "eta", "fps")
+REPLAYED = ("prompt", "negative_prompt", "seed", "frames", "height", "width", "steps", "guidance", "scheduler", "eta", "fps",
+            "cache_interval", "guidance_fraction")
 
 
 class UsageError(VidsynthError):
@@ -83,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--steps", type=int)
     generate.add_argument("--guidance", type=float)
     generate.add_argument("--scheduler", choices=SCHEDULERS)
+    generate.add_argument("--preset", choices=tuple(PRESETS), help="quality (default: the model's own sampling), "
+                          "balanced (DPM-Solver++, half the steps) or fast (also deep-feature reuse and partial guidance)")
+    generate.add_argument("--cache-interval", type=int, help="full UNet every N steps, deep features reused between (1 = off)")
+    generate.add_argument("--guidance-fraction", type=float, help="guide only this first share of the steps (1 = all)")
     generate.add_argument("--eta", type=float)
     generate.add_argument("--fps", type=int)
     generate.add_argument("--num-videos", type=int, default=1)
@@ -113,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--steps", type=int)
     evaluate.add_argument("--guidance", type=float)
     evaluate.add_argument("--scheduler", choices=SCHEDULERS)
+    evaluate.add_argument("--preset", choices=tuple(PRESETS))
     evaluate.add_argument("--json", dest="json_path", metavar="FILE", help="write every result as JSON here")
     _add_runtime_options(evaluate)
     evaluate.set_defaults(run=run_eval)
@@ -178,6 +185,8 @@ def request_from_args(args) -> tuple[GenerationRequest, str | None]:
     for name in REPLAYED[1:]:  # every stored setting but the prompt, handled above
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
+    if args.preset is not None:
+        fields["preset"] = args.preset
     fields["num_videos"] = args.num_videos
     fields["allow_empty_prompt"] = args.allow_empty_prompt
     return GenerationRequest.create(**fields), args.model or model
@@ -303,7 +312,7 @@ def run_eval(args) -> int:
 
     if args.prompts < 1 or args.seeds < 1:
         raise UsageError("--prompts and --seeds must be at least 1")
-    settings = {k: getattr(args, k) for k in ("steps", "guidance", "scheduler") if getattr(args, k) is not None}
+    settings = {k: getattr(args, k) for k in ("steps", "guidance", "scheduler", "preset") if getattr(args, k) is not None}
     pipeline = load(args.model, device=args.device, dtype=args.dtype, offload=args.offload,
                     forward_chunking=args.forward_chunking)
     with ProgressBar() as bar:

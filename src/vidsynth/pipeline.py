@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import warnings
 from typing import Optional, Union
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .caching import DeepFeatureCache
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import NumericalError, RequestError
 from .events import Callback, Event, emit
@@ -140,18 +142,19 @@ class Pipeline:
 
     def denoise(self, latents: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
                 request: GenerationRequest, generator: torch.Generator, on_step) -> torch.Tensor:
-        unet = self.components.unet
+        unet = DeepFeatureCache(self.components.unet, request.cache_interval)
         scheduler = make_scheduler(request.scheduler, self.components.schedule)
         scheduler.set_timesteps(request.steps, device=self.device)
         step_options = self._step_options(scheduler, request.eta, generator)
-        guided = request.guidance != 1.0
-        context = torch.cat([negative, positive]) if guided else positive
+        guided_steps = math.ceil(len(scheduler.timesteps) * request.guidance_fraction) if request.guidance != 1.0 else 0
+        both = torch.cat([negative, positive])
         # Latents stay float32 between steps so half-precision models do not accumulate rounding in the sampler.
         latents = latents.to(self.device) * scheduler.init_noise_sigma
-        with self._using(unet):
+        with self._using(self.components.unet):
             for step, t in enumerate(scheduler.timesteps):
+                guided = step < guided_steps
                 model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
-                noise = unet(model_input.to(self.dtype), t, encoder_hidden_states=context).sample.float()
+                noise = unet(model_input.to(self.dtype), t, both if guided else positive).float()
                 if guided:
                     unconditional, conditional = noise.chunk(2)
                     noise = unconditional + request.guidance * (conditional - unconditional)
@@ -184,7 +187,8 @@ class Pipeline:
         """What a video file records about how it was made; enough to make it again."""
         return {
             "prompt": prompt, "negative_prompt": request.negative_prompt, "seed": seed, "steps": request.steps,
-            "guidance": request.guidance, "scheduler": request.scheduler, "eta": request.eta,
+            "guidance": request.guidance, "scheduler": request.scheduler, "eta": request.eta, "preset": request.preset,
+            "cache_interval": request.cache_interval, "guidance_fraction": request.guidance_fraction,
             "frames": request.frames, "height": request.height, "width": request.width, "fps": request.fps,
             "model": self.name, "dtype": dtype_name(self.dtype), "vidsynth_version": __version__,
         }

@@ -27,7 +27,7 @@ from . import __version__
 from .devices import dtype_name
 from .errors import RequestError
 from .jobs import CANCELED, COMPLETED, FAILED, FINISHED, QUEUED, VARIANTS, IdempotencyConflict, JobStore
-from .request import GenerationRequest, field_errors
+from .request import PRESETS, SCHEDULERS, GenerationRequest, field_errors
 from .worker import TERMINAL_EVENTS, EventLog, Worker
 
 TOKEN_COOKIE = "vidsynth_token"
@@ -262,8 +262,8 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
     @app.get("/v1/settings", tags=["server"])
     def request_settings():
         """What the page's form needs: the model's defaults, the schedulers, and the request schema with its limits."""
-        return {"model": pipeline.name, "defaults": pipeline.defaults.as_dict(),
-                "schema": GenerationRequest.model_json_schema()}
+        return {"model": pipeline.name, "defaults": pipeline.defaults.as_dict(), "schedulers": list(SCHEDULERS),
+                "presets": list(PRESETS), "schema": GenerationRequest.model_json_schema()}
 
     return app
 

@@ -151,8 +151,7 @@ def _encode(path: str, frames: np.ndarray, fps: int, codec: str, settings: dict,
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "18"} if codec == "libx264" else {"crf": "24", "b": "0"}
         for frame in frames:
-            # Converted to yuv420p here: left to the encoder, the conversion does not give the same bytes every
-            # run, and then the same seed would not give the same file.
+            # Converted here rather than by the encoder: that conversion varied from run to run.
             picture = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
             for packet in stream.encode(picture):
                 container.mux(packet)

@@ -1,7 +1,7 @@
 // The vidsynth page: a form that posts to /v1/videos, a live view of the job from its event stream, and a history.
 "use strict";
 
-const FIELDS = ["prompt", "negative_prompt", "seed", "frames", "width", "height", "steps", "guidance", "scheduler"];
+const FIELDS = ["prompt", "negative_prompt", "preset", "seed", "frames", "width", "height", "steps", "guidance", "scheduler"];
 const NUMBERS = new Set(["seed", "frames", "width", "height", "steps", "guidance"]);
 const $ = (id) => document.getElementById(id);
 let current = null; // the job shown in the job panel
@@ -191,7 +191,9 @@ async function start() {
   try {
     const settings = await api("/v1/settings");
     $("model").textContent = `model: ${settings.model}`;
-    for (const name of settings.schema.properties.scheduler.enum) $("scheduler").add(new Option(name, name));
+    $("scheduler").add(new Option("preset's", ""));
+    for (const name of settings.schedulers) $("scheduler").add(new Option(name, name));
+    for (const name of settings.presets) $("preset").add(new Option(name, name));
     for (const [name, value] of Object.entries(settings.defaults)) if ($(name)) $(name).placeholder = value;
   } catch (error) {
     if (error.status === 401) return askForToken();

@@ -1,0 +1,207 @@
+"""vidsynth against diffusers' TextToVideoSDPipeline, side by side on the same components and settings.
+
+Both pipelines share one set of modules (UNet, VAE, text encoder, tokenizer) in one dtype on one device, use DDIM
+with ModelScope's schedule, the same seed (CPU generator), steps, guidance, frames and size. One warm-up run each
+(reported apart), then alternating timed runs. Phases are timed by hooks on the shared modules, so both sides are
+measured the same way. Prints a Markdown table and writes JSON.
+
+    python benchmarks/versus_diffusers.py                      # full-size ms-1.7b configuration, random weights
+    python benchmarks/versus_diffusers.py --model ms-1.7b      # any --model reference
+    python benchmarks/versus_diffusers.py --frames 8 --steps 3 --runs 2 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from server_load import cpu_name  # noqa: E402
+
+# UNet FLOPs of one forward at 16 frames x 32x32 latents, batch 2 (CFG), and of decoding 16 frames to 256x256.
+UNET_TFLOP_16x32x32_BATCH2 = 9.77
+VAE_TFLOP_16_FRAMES_256 = 9.96
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def full_size_components(dtype: torch.dtype):
+    """ms-1.7b's configuration (the same as the diffusers port's config files) with random weights."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from vidsynth.loading import Components
+    from vidsynth.modelscope_format import openclip_tokenizer, unet_from_config
+    from vidsynth.request import ModelDefaults
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from test_full_size import MS_1_7B
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        unet = unet_from_config(MS_1_7B)
+    unet = unet.to_empty(device="cpu").to(dtype)
+    for parameter in unet.parameters():
+        parameter.data.normal_(0, 0.02)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                        scaling_factor=0.18215).to(dtype)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096,
+                                        num_hidden_layers=23, num_attention_heads=16, hidden_act="gelu",
+                                        max_position_embeddings=77, projection_dim=1024)).to(dtype)
+    for module in (unet, vae, text):
+        module.eval().requires_grad_(False)
+    return Components(tokenizer=openclip_tokenizer(), text_encoder=text, unet=unet, vae=vae, schedule=None,
+                      defaults=ModelDefaults(), name="ms-1.7b configuration (random weights)")
+
+
+class PhaseTimer:
+    """Seconds spent in each shared module during a run, from forward hooks (with a device sync on CUDA)."""
+
+    def __init__(self, components, device: torch.device):
+        self.device, self.seconds, self.started = device, defaultdict(float), {}
+        for phase, module in (("text", components.text_encoder), ("denoise", components.unet),
+                              ("decode", components.vae.decoder)):
+            module.register_forward_pre_hook(lambda m, a, phase=phase: self._start(phase))
+            module.register_forward_hook(lambda m, a, o, phase=phase: self._stop(phase))
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def _start(self, phase):
+        self._sync()
+        self.started[phase] = time.perf_counter()
+
+    def _stop(self, phase):
+        self._sync()
+        self.seconds[phase] += time.perf_counter() - self.started[phase]
+
+    def reset(self):
+        self.seconds = defaultdict(float)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM, the peak resident set size
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", help="any vidsynth --model reference (default: random full-size weights)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--height", type=int, default=256)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance", type=float, default=9.0)
+    parser.add_argument("--runs", type=int, default=3, help="timed runs of each pipeline")
+    parser.add_argument("--json", dest="json_path")
+    args = parser.parse_args()
+
+    from diffusers import DDIMScheduler, TextToVideoSDPipeline
+
+    from vidsynth.devices import dtype_name, resolve_device, resolve_dtype
+    from vidsynth.loading import load_components
+    from vidsynth.pipeline import Pipeline
+    from vidsynth.schedulers import MODELSCOPE_SCHEDULE
+    from vidsynth.video import write_video
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    components = load_components(args.model, dtype=dtype) if args.model else full_size_components(dtype)
+    ours = Pipeline(components, device, dtype)
+    theirs = TextToVideoSDPipeline(vae=components.vae, text_encoder=components.text_encoder,
+                                   tokenizer=components.tokenizer, unet=components.unet,
+                                   scheduler=DDIMScheduler.from_config(components.schedule or MODELSCOPE_SCHEDULE))
+    theirs.set_progress_bar_config(disable=True)
+    timer = PhaseTimer(components, device)
+    prompt, seed = "A car flying in space.", 0
+    settings = dict(frames=args.frames, height=args.height, width=args.width, steps=args.steps, guidance=args.guidance)
+
+    def run_ours():
+        return ours(prompt, seed=seed, scheduler="ddim", progress=False, **settings).frames
+
+    def run_theirs():
+        output = theirs(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, num_frames=args.frames,
+                        height=args.height, width=args.width, output_type="np",
+                        generator=torch.Generator("cpu").manual_seed(seed))
+        return (np.asarray(output.frames[0]) * 255).round().clip(0, 255).astype(np.uint8)
+
+    results = {"vidsynth": [], "diffusers": []}
+    outputs = {}
+    with tempfile.TemporaryDirectory() as folder:
+        def measured(name, run):
+            timer.reset()
+            reset_peak_memory(device)
+            started = time.perf_counter()
+            frames = run()
+            encode_started = time.perf_counter()
+            write_video(Path(folder) / f"{name}.mp4", frames, 8, {}, sidecar=False)
+            finished = time.perf_counter()
+            outputs[name] = frames
+            return {"total": finished - started, "encode": finished - encode_started, **timer.seconds,
+                    "peak_gib": peak_memory_gib(device)}
+
+        warmup = {"vidsynth": measured("vidsynth", run_ours), "diffusers": measured("diffusers", run_theirs)}
+        for _ in range(args.runs):
+            results["diffusers"].append(measured("diffusers", run_theirs))
+            results["vidsynth"].append(measured("vidsynth", run_ours))
+
+    difference = int(np.abs(outputs["vidsynth"].astype(int) - outputs["diffusers"]).max())
+    summary = {name: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+               for name, runs in results.items()}
+    summary["ratio_total"] = summary["vidsynth"]["total"] / summary["diffusers"]["total"]
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
+    if gpu:
+        latent_voxels = args.frames * (args.height // 8) * (args.width // 8)
+        tflop = (UNET_TFLOP_16x32x32_BATCH2 * latent_voxels / (16 * 32 * 32) * args.steps
+                 + VAE_TFLOP_16_FRAMES_256 * args.frames * args.height * args.width / (16 * 256 * 256))
+        peak = next((value for key, value in PEAK_TFLOPS.items() if key in gpu), None)
+        for name in ("vidsynth", "diffusers"):
+            summary[name]["tflops"] = tflop / summary[name]["total"]
+            summary[name]["fraction_of_peak"] = summary[name]["tflops"] / peak if peak else None
+    report = {"date": str(date.today()), "machine": gpu or f"{cpu_name()}, {os.cpu_count()} cores",
+              "torch": torch.__version__, "python": platform.python_version(), "model": components.name,
+              "dtype": dtype_name(dtype), "settings": settings, "runs": args.runs, "warmup": warmup,
+              "results": results, "median": summary, "max_pixel_difference": difference,
+              "command": "python benchmarks/versus_diffusers.py " + " ".join(sys.argv[1:])}
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
+
+    print(f"Command: `{report['command'].strip()}`  \nMachine: {report['machine']}, torch {torch.__version__}; "
+          f"date {report['date']}. Model: {components.name}, {dtype_name(dtype)}, {settings}, DDIM.\n")
+    keys = ["total", "text", "denoise", "decode", "encode", "peak_gib"] + (["tflops", "fraction_of_peak"] if gpu else [])
+    print("| median of %d runs | vidsynth | diffusers | vidsynth / diffusers |\n|---|---|---|---|" % args.runs)
+    for key in keys:
+        a, b = summary["vidsynth"].get(key), summary["diffusers"].get(key)
+        unit = " (GiB)" if key == "peak_gib" else "" if key in ("tflops", "fraction_of_peak") else " (s)"
+        ratio = f"{a / b:.2f}" if a and b else "-"
+        print(f"| {key}{unit} | {a:.3f} | {b:.3f} | {ratio} |" if a is not None and b is not None else f"| {key} | - | - | - |")
+    print(f"| warm-up total (s) | {warmup['vidsynth']['total']:.3f} | {warmup['diffusers']['total']:.3f} | |")
+    print(f"\nmax pixel difference between the two videos: {difference}/255")
+
+
+if __name__ == "__main__":
+    main()
