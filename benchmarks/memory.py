@@ -29,6 +29,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--chunking", choices=("off", "on", "both"), default="both",
+                        help="forward chunking (over tokens, one at a time: slow on a CPU)")
     args = parser.parse_args()
     from vidsynth.devices import dtype_name, resolve_device, resolve_dtype
     from vidsynth.pipeline import Pipeline
@@ -38,21 +40,20 @@ def main() -> None:
     components = full_size_components(dtype)
     reset_peak_memory(device)
     weights = peak_memory_gib(device)
-    rows = []
-    for chunking in (False, True):
+    print(f"Command: `python benchmarks/memory.py {' '.join(sys.argv[1:])}`  ")
+    print(f"Machine: {torch.cuda.get_device_name() if device.type == 'cuda' else f'{cpu_name()}, {os.cpu_count()} cores'}, "
+          f"torch {torch.__version__}; date {date.today()}. ms-1.7b configuration, random weights, "
+          f"{dtype_name(dtype)}, 1 DDIM step, guidance 9; weights and process alone: {weights:.2f} GiB.\n")
+    print("| video | forward chunking | peak memory (GiB) | seconds (1 step, decode) |\n|---|---|---|---|", flush=True)
+    for chunking in {"off": (False,), "on": (True,), "both": (False, True)}[args.chunking]:
         pipeline = Pipeline(components, device, dtype, forward_chunking=chunking)
         for name, size in CASES:
             reset_peak_memory(device)
             started = time.perf_counter()
             video = pipeline("A car flying in space.", steps=1, seed=0, progress=False, **size)
-            rows.append((name, chunking, peak_memory_gib(device), time.perf_counter() - started, video.frames.shape))
-    print(f"Command: `python benchmarks/memory.py {' '.join(sys.argv[1:])}`  ")
-    print(f"Machine: {torch.cuda.get_device_name() if device.type == 'cuda' else f'{cpu_name()}, {os.cpu_count()} cores'}, "
-          f"torch {torch.__version__}; date {date.today()}. ms-1.7b configuration, random weights, "
-          f"{dtype_name(dtype)}, 1 DDIM step, guidance 9; weights and process alone: {weights:.2f} GiB.\n")
-    print("| video | forward chunking | peak memory (GiB) | seconds (1 step + decode + nothing written) |\n|---|---|---|---|")
-    for name, chunking, peak, seconds, shape in rows:
-        print(f"| {name} | {'on' if chunking else 'off'} | {peak:.2f} | {seconds:.0f} |")
+            assert video.frames.shape == (size["frames"], size["height"], size["width"], 3)
+            print(f"| {name} | {'on' if chunking else 'off'} | {peak_memory_gib(device):.2f} | "
+                  f"{time.perf_counter() - started:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
