@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_load import cpu_name  # noqa: E402
+from machine import cpu_name  # noqa: E402
 from versus_diffusers import full_size_components, peak_memory_gib, reset_peak_memory  # noqa: E402
 
 CASES = [("64 frames 256x256", dict(frames=64, height=256, width=256)),

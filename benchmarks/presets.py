@@ -20,7 +20,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_load import cpu_name  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 PROMPTS = ["a red circle moving left on a black background", "a blue square growing on a white background",
            "a yellow triangle moving down and to the right on a gray background"]

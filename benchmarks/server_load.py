@@ -20,8 +20,12 @@ import threading
 import time
 import uuid
 from datetime import date
+from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_name  # noqa: E402
 
 TINY = {"prompt": "a green triangle moving right on a black background", "frames": 2, "steps": 1}
 
@@ -83,16 +87,6 @@ def run_load(url: str, clients: int, jobs_per_client: int, settings: dict = TINY
         "status_p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
         "status_max_ms": 1000 * latencies[-1],
     }
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def main() -> None:

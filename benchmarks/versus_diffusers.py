@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_load import cpu_name  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 # UNet FLOPs of one forward at 16 frames x 32x32 latents, batch 2 (CFG), and of decoding 16 frames to 256x256.
 UNET_TFLOP_16x32x32_BATCH2 = 9.77
@@ -43,10 +43,8 @@ def full_size_components(dtype: torch.dtype):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from vidsynth.loading import Components
-    from vidsynth.modelscope_format import openclip_tokenizer, unet_from_config
+    from vidsynth.modelscope_format import MS_1_7B, openclip_tokenizer, unet_from_config
     from vidsynth.request import ModelDefaults
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from test_full_size import MS_1_7B
 
     torch.manual_seed(0)
     with torch.device("meta"):

@@ -9,17 +9,11 @@ import torch
 from conftest import randomize
 from reference_code import modelscope_module, open_clip_transformer
 from vidsynth.loading import Components
-from vidsynth.modelscope_format import (convert_unet_state, load_state, openclip_tokenizer, text_encoder_from_state,
+from vidsynth.modelscope_format import (MS_1_7B, convert_unet_state, load_state, openclip_tokenizer, text_encoder_from_state,
                                         unet_from_config, vae_from_state)
 from vidsynth.pipeline import Pipeline
 from vidsynth.request import ModelDefaults
 
-# configuration.json's model_cfg of damo/text-to-video-synthesis
-MS_1_7B = {
-    "unet_in_dim": 4, "unet_dim": 320, "unet_y_dim": 768, "unet_context_dim": 1024, "unet_out_dim": 4,
-    "unet_dim_mult": [1, 2, 4, 4], "unet_num_heads": 8, "unet_head_dim": 64, "unet_res_blocks": 2,
-    "unet_attn_scales": [1, 0.5, 0.25], "unet_dropout": 0.1, "temporal_attention": "True",
-}
 SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
           "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 

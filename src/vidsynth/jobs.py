@@ -129,23 +129,21 @@ class JobStore:
         digest = hashlib.sha256(json.dumps(submitted or request, sort_keys=True).encode()).hexdigest()
         job_id = f"video_{secrets.token_hex(12)}"
         with self._lock:
+            found = None
             if idempotency_key is not None:
                 found = self._db.execute("SELECT id, request_digest FROM jobs WHERE idempotency_key = ?",
                                          (idempotency_key,)).fetchone()
-                if found is not None:
-                    if found["request_digest"] != digest:
-                        raise IdempotencyConflict(idempotency_key)
-                    job_id, created = found["id"], False
-                else:
-                    created = True
+            if found is not None:
+                if found["request_digest"] != digest:
+                    raise IdempotencyConflict(idempotency_key)
             else:
-                created = True
-            if created:
                 self._db.execute(
                     "INSERT INTO jobs (id, status, request, outputs, created_at, idempotency_key, request_digest) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (job_id, QUEUED, json.dumps(request), outputs, time.time(), idempotency_key, digest))
-        return self.get(job_id), created
+        if found is not None:  # read outside the lock: get() takes it too
+            return self.get(found["id"]), False
+        return self.get(job_id), True
 
     def claim_next(self) -> Optional[dict]:
         """Mark the oldest queued job in progress and return it (None when the queue is empty)."""

@@ -23,6 +23,14 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .errors import ModelError
 
+# configuration.json's model_cfg of damo/text-to-video-synthesis
+MS_1_7B = {
+    "unet_in_dim": 4, "unet_dim": 320, "unet_y_dim": 768, "unet_context_dim": 1024, "unet_out_dim": 4,
+    "unet_dim_mult": [1, 2, 4, 4], "unet_num_heads": 8, "unet_head_dim": 64, "unet_res_blocks": 2,
+    "unet_attn_scales": [1, 0.5, 0.25], "unet_dropout": 0.1, "temporal_attention": "True",
+}
+
+
 CONFIG_FILE = "configuration.json"
 DEFAULT_FILES = {
     "ckpt_unet": "text2video_pytorch_model.pth",
