@@ -4,6 +4,10 @@ For each configuration: median generation time (in process, model loaded), speed
 same-seed PSNR and SSIM of its frames against the default's; optionally the `vidsynth eval` scores. Prints Markdown.
 
     python benchmarks/presets.py [--model M] [--runs 3] [--eval-prompts 20 --eval-seeds 2]
+    python benchmarks/presets.py --full-size --frames 8 --height 128 --width 128 --runs 1 --prompts 1
+
+`--full-size` times ms-1.7b's configuration with random weights (its 50-step default is what `fast` is measured
+against); its pictures mean nothing, so PSNR/SSIM there only say how far each path strays from the default.
 """
 
 from __future__ import annotations
@@ -58,37 +62,52 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), choices=range(1, len(PROMPTS) + 1))
     parser.add_argument("--eval-prompts", type=int, default=0, help="also score default and fast with vidsynth eval")
     parser.add_argument("--eval-seeds", type=int, default=2)
+    parser.add_argument("--full-size", action="store_true", help="ms-1.7b's configuration with random weights")
+    parser.add_argument("--frames", type=int)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
     args = parser.parse_args()
 
     import vidsynth
     from vidsynth.evaluate import default_specs, evaluate
 
-    pipeline = vidsynth.load(args.model)
+    if args.full_size:
+        from vidsynth.devices import resolve_device, resolve_dtype
+        from vidsynth.pipeline import Pipeline
+        from versus_diffusers import full_size_components
+        device = resolve_device("auto")
+        dtype = resolve_dtype("auto", device)
+        pipeline = Pipeline(full_size_components(dtype), device, dtype)
+    else:
+        pipeline = vidsynth.load(args.model)
+    size = {k: v for k, v in (("frames", args.frames), ("height", args.height), ("width", args.width)) if v}
     default_steps = pipeline.defaults.steps
     rows, reference = [], {}
     for name, fields in CONFIGURATIONS:
-        fields = dict(fields)
+        fields = {**size, **fields}
         if "steps_fraction" in fields:
             fields["steps"] = max(1, round(default_steps * fields.pop("steps_fraction")))
-        pipeline(PROMPTS[0], seed=0, progress=False, **fields)  # warm-up
+        pipeline(PROMPTS[0], seed=0, progress=False, **{**fields, "steps": 1})  # warm-up: first-call costs only
         seconds, scores = [], []
         for run in range(args.runs):
-            for index, prompt in enumerate(PROMPTS):
+            for index, prompt in enumerate(PROMPTS[:args.prompts]):
                 started = time.perf_counter()
                 frames = pipeline(prompt, seed=index, progress=False, **fields).frames
                 seconds.append(time.perf_counter() - started)
-                if not fields:
+                if name == CONFIGURATIONS[0][0]:
                     reference[index] = frames
                 scores.append((psnr(frames, reference[index]), ssim(frames, reference[index])))
         rows.append((name, statistics.median(seconds), scores, fields))
     base = rows[0][1]
 
     print(f"Command: `python benchmarks/presets.py {' '.join(sys.argv[1:])}`  ")
+    frames, width, height = (size.get(k, getattr(pipeline.defaults, k)) for k in ("frames", "width", "height"))
     print(f"Machine: {cpu_name()}, {os.cpu_count()} cores; date {date.today()}. Model: {pipeline.name}, "
-          f"{pipeline.defaults.frames} frames {pipeline.defaults.width}x{pipeline.defaults.height}, default "
-          f"{default_steps} DDIM steps; {len(PROMPTS)} prompts x {args.runs} runs.\n")
+          f"{frames} frames {width}x{height}, default {default_steps} DDIM steps; {args.prompts} prompts x "
+          f"{args.runs} runs.\n")
     print("| configuration | seconds per video (median) | speed-up | PSNR vs default (dB) | SSIM vs default |")
     print("|---|---|---|---|---|")
     for name, seconds, scores, _ in rows:
@@ -100,7 +119,7 @@ def main() -> None:
         print(f"\n`vidsynth eval` scores, {args.eval_prompts} held-out captions x {args.eval_seeds} seeds:\n")
         print("| configuration | colour | shape | direction | flicker |\n|---|---|---|---|---|")
         for name, fields in (("default (quality)", {}), ("preset fast", {"preset": "fast"})):
-            summary = evaluate(pipeline, default_specs(args.eval_prompts), args.eval_seeds, **fields)
+            summary = evaluate(pipeline, default_specs(args.eval_prompts), args.eval_seeds, **size, **fields)
             print(f"| {name} | {summary['color_accuracy']:.1%} | {summary['shape_accuracy']:.1%} | "
                   f"{summary['direction_accuracy']:.1%} | {summary['mean_flicker']:.2f} |")
 

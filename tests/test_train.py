@@ -110,3 +110,21 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
     assert (run / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet_bytes
     assert progress_of(run)["step"] == 2
+
+
+def test_min_snr_weights_favour_the_noisy_steps(tmp_path):
+    trainer = Trainer(TrainOptions(out=tmp_path / "run", steps=1, **MICRO))
+    weights = trainer._loss_weights(torch.tensor([999, 500, 100, 1]))
+    assert weights[0] == weights[1] == 1.0  # SNR below 5: full weight
+    assert 0 < weights[3] < weights[2] < 1.0  # nearly clean steps count less, the cleaner the less
+
+
+def test_the_autoencoder_sees_frames_of_distinct_clips(tmp_path, monkeypatch):
+    trainer = Trainer(TrainOptions(out=tmp_path / "run", steps=0, **{**MICRO, "vae_steps": 1}))
+    seen = []
+    original = trainer.vae.encode
+    monkeypatch.setattr(trainer.vae, "encode", lambda frames: seen.append(frames) or original(frames))
+    trainer.train_vae()
+    frames = seen[0]
+    assert frames.shape[0] == 32 and frames.ndim == 4
+    assert len({frames[i].sum().item() for i in range(len(frames))}) > 16  # not copies of a few clips' frames
