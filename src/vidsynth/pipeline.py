@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .attention import text_attention_per_video
 from .caching import DeepFeatureCache
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import NumericalError, RequestError
@@ -150,7 +151,7 @@ class Pipeline:
         both = torch.cat([negative, positive])
         # Latents stay float32 between steps so half-precision models do not accumulate rounding in the sampler.
         latents = latents.to(self.device) * scheduler.init_noise_sigma
-        with self._using(self.components.unet):
+        with self._using(self.components.unet), text_attention_per_video(self.components.unet, latents.shape[2]):
             for step, t in enumerate(scheduler.timesteps):
                 guided = step < guided_steps
                 model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
