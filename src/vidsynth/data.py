@@ -85,7 +85,7 @@ def _shape_mask(shape: str, cx: float, cy: float, radius: float, size: int) -> n
 
 def render(spec: ClipSpec, frames: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """One clip as uint8 frames x size x size x 3."""
-    # Shapes span 2-4 latent pixels of an f=8 autoencoder at 64x64: smaller ones lose their outline in the latents.
+    # Radii that keep a shape several latent pixels wide: narrower outlines are lost in the autoencoder's latents.
     scale = size / 64
     if spec.motion == "growing":
         radii = np.linspace(6, 15, frames) * scale
