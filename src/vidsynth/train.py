@@ -58,8 +58,9 @@ class Architecture:
 
 
 ARCHITECTURES = {
-    # the shipped model: 16 frames at 64x64, f = 4 so a shape spans 5-6 latent pixels (at f = 8 the autoencoder
-    # loses colour and outline of shapes this small), ~2.7M UNet parameters
+    # the shipped model's recipe: 16 frames at 64x64, f = 4 so a shape spans 5-6 latent pixels (at f = 8 the
+    # autoencoder loses colour and outline of shapes this small), ~2.7M UNet parameters. The model shipped now is
+    # the earlier f = 8 one; its model card names the commit that trained it.
     "tiny": Architecture(frames=16, size=64, unet_channels=(32, 64, 64), head_dim=16, text_width=64, text_layers=2,
                          vae_channels=(32, 64, 64)),
     # for tests: seconds per step
@@ -301,7 +302,8 @@ class Trainer:
                 context = self.text_encoder(ids.to(self.device)).last_hidden_state
             with self._autocast():
                 prediction = self.unet(noisy, t, encoder_hidden_states=context).sample
-            loss = (self._loss_weights(t) * F.mse_loss(prediction.float(), noise, reduction="none").mean((1, 2, 3, 4))).mean()
+            per_video = F.mse_loss(prediction.float(), noise, reduction="none").mean((1, 2, 3, 4))
+            loss = (self._loss_weights(t) * per_video).mean()
             self._step(loss)
             self.ema.step(self.parameters)
             self.progress["step"] += 1
