@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--chunking", choices=("off", "on", "both"), default="both",
-                        help="forward chunking (over tokens, one at a time: slow on a CPU)")
+                        help="forward chunking (feed-forward layers one frame at a time)")
     args = parser.parse_args()
     from vidsynth.devices import dtype_name, resolve_device, resolve_dtype
     from vidsynth.pipeline import Pipeline

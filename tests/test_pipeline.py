@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from diffusers.models.attention import FeedForward
 
 import vidsynth
 from vidsynth import Cancelled, GenerationRequest, NumericalError
@@ -91,8 +92,15 @@ def test_nan_is_reported_with_a_remedy_not_written(tiny_model_dir):
 def test_fast_paths_match_the_plain_path(tiny_model_dir, tiny_pipeline):
     plain = frames_of(tiny_pipeline, seed=2)
     chunked = vidsynth.load(str(tiny_model_dir), device="cpu", dtype="float32", forward_chunking=True, decode_chunk=1)
+    feed_forward_inputs = []
+    for module in chunked.components.unet.modules():
+        if isinstance(module, FeedForward):
+            module.register_forward_hook(lambda _, args, __: feed_forward_inputs.append(tuple(args[0].shape[:2])))
     # Chunked matrix products add in another order: equal up to float rounding, so at most one uint8 level apart.
     assert np.abs(frames_of(chunked, seed=2).astype(int) - plain).max() <= 1
+    # one frame per call: spatial blocks get 1 x pixels, temporal blocks get pixels x 1
+    assert feed_forward_inputs and all(1 in shape for shape in feed_forward_inputs)
+    assert {shape[0] == 1 for shape in feed_forward_inputs} == {True, False}
 
 
 def test_long_prompt_is_truncated_with_a_warning(tiny_pipeline):

@@ -13,6 +13,7 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
+from diffusers.models import Transformer2DModel, TransformerTemporalModel
 
 from . import __version__
 from .attention import text_attention_per_video
@@ -45,6 +46,20 @@ def initial_noise(generator: torch.Generator, frames: int, latent_height: int, l
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
+def feed_forward_one_frame_at_a_time(unet: torch.nn.Module) -> None:
+    """Each feed-forward call sees one frame's tokens, so its 4x-wide intermediate is one frame's, not the batch's.
+
+    diffusers' `enable_forward_chunking` takes one axis for all blocks; the axis that holds frames differs between
+    spatial blocks (frames x tokens) and temporal blocks (pixels x frames), and chunking over tokens (its documented
+    setting for this model) makes thousands of tiny calls per layer.
+    """
+    for module in unet.modules():
+        if isinstance(module, (Transformer2DModel, TransformerTemporalModel)):
+            frame_axis = 1 if isinstance(module, TransformerTemporalModel) else 0
+            for block in module.transformer_blocks:
+                block.set_chunk_feed_forward(chunk_size=1, dim=frame_axis)
+
+
 class Pipeline:
     def __init__(self, components: Components, device: torch.device, dtype: torch.dtype, *, offload: str = "none",
                  forward_chunking: bool = False, decode_chunk: int = 8):
@@ -61,7 +76,7 @@ class Pipeline:
             if next(module.parameters()).dtype != dtype:  # converted checkpoints arrive in float32
                 module.to(dtype=dtype)
         if forward_chunking:
-            components.unet.enable_forward_chunking(chunk_size=1, dim=1)
+            feed_forward_one_frame_at_a_time(components.unet)
         if self.offload == "sequential":
             from accelerate import cpu_offload
             for module in self.models:
