@@ -162,7 +162,7 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     parser.add_argument("--offload", default="none", choices=OFFLOAD_MODES,
                         help="keep weights on the CPU and move them to the GPU as needed (for small GPUs)")
-    parser.add_argument("--forward-chunking", action="store_true", help="run feed-forward layers in chunks (less memory)")
+    parser.add_argument("--forward-chunking", action="store_true", help="run feed-forward layers one frame at a time (less memory)")
 
 
 # ------------------------------------------------------------------------------------------------------- generate
