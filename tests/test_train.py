@@ -11,7 +11,7 @@ import vidsynth
 from vidsynth.cli import main
 from vidsynth.data import ClipSpec, render
 from vidsynth.errors import VidsynthError
-from vidsynth.train import Trainer, TrainOptions, train
+from vidsynth.train import ARCHITECTURES, Trainer, TrainOptions, architecture_of, build_components, train
 from vidsynth.video import write_video
 
 MICRO = dict(architecture="micro", batch_size=2, checkpoint_every=2, vae_steps=2, lr=1e-3)
@@ -128,3 +128,25 @@ def test_the_autoencoder_sees_frames_of_distinct_clips(tmp_path, monkeypatch):
     frames = seen[0]
     assert frames.shape[0] == 32 and frames.ndim == 4
     assert len({frames[i].sum().item() for i in range(len(frames))}) > 16  # not copies of a few clips' frames
+
+
+def test_a_finished_autoencoder_is_checkpointed_with_its_latent_scale(tmp_path):
+    trainer = Trainer(TrainOptions(out=tmp_path / "run", steps=0, **{**MICRO, "checkpoint_every": 100}))
+    trainer.train_vae()
+    assert progress_of(tmp_path / "run")["vae_step"] == 2
+    saved = vidsynth.loading.load_components(str(tmp_path / "run" / "model"))
+    assert saved.vae.config.scaling_factor == trainer.vae.config.scaling_factor != 0.18215
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_architectures_put_attention_where_they_say(name):
+    arch = ARCHITECTURES[name]
+    components = build_components(arch)
+    attended = [i for i, block in enumerate(components.unet.down_blocks) if hasattr(block, "attentions")]
+    assert attended == list(arch.attention_levels)
+    assert architecture_of(components)["attention_levels"] == list(arch.attention_levels)
+
+
+def test_max_minutes_stops_with_a_checkpoint(tmp_path):
+    train(TrainOptions(out=tmp_path / "run", steps=1000, max_minutes=0, **MICRO))
+    assert progress_of(tmp_path / "run") | {"seconds": 0} == {"vae_step": 0, "step": 0, "seconds": 0}
