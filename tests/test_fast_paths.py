@@ -1,8 +1,10 @@
-"""Fast paths that must not change the result: the prompt's keys and values once per video."""
+"""Fast paths that must not change the result: the prompt's keys and values once per video, the compiled UNet."""
 
+import numpy as np
 import torch
 from diffusers.models.attention_processor import Attention
 
+import vidsynth
 from conftest import randomize, tiny_unet
 from vidsynth.attention import text_attention_per_video
 
@@ -26,3 +28,32 @@ def test_text_attention_per_video_gives_the_plain_result_with_one_projection_per
         assert set(projected_rows) == {videos}
     assert [layer.processor for layer in cross] == originals  # restored after the block
     assert torch.allclose(shared, plain, atol=1e-5), (shared - plain).abs().max()
+
+
+def test_compiled_unet_gives_the_plain_frames_and_compiles_once_per_shape(tiny_model_dir, tiny_pipeline, monkeypatch):
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward  # the captured graph as it is: this checks the capture and its guards, not inductor
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **options: real_compile(
+        model, backend=counting_backend, dynamic=options["dynamic"]))
+    torch._dynamo.reset()
+    compiled = vidsynth.load(str(tiny_model_dir), device="cpu", dtype="float32", compile=True)
+    settings = dict(frames=3, height=32, width=32, steps=3, seed=4, progress=False)
+
+    def same_as_plain(prompt, **changes):
+        made = compiled(prompt, **{**settings, **changes}).frames
+        plain = tiny_pipeline(prompt, **{**settings, **changes}).frames
+        return np.abs(made.astype(int) - plain).max() <= 1
+
+    assert same_as_plain("a red circle")
+    compiled_once = len(graphs)
+    assert compiled_once >= 1
+    assert same_as_plain("a blue square", guidance=7.0)
+    assert len(graphs) == compiled_once  # same shapes, another prompt and guidance: no recompilation
+    assert same_as_plain("a red circle", frames=4)
+    assert len(graphs) > compiled_once  # another shape: compiled for it
+    assert same_as_plain("a red circle", cache_interval=2)  # deep-feature reuse runs uncompiled, same result

@@ -16,14 +16,16 @@ from diffusers import UNet3DConditionModel
 
 
 class DeepFeatureCache:
-    def __init__(self, unet: UNet3DConditionModel, interval: int):
+    def __init__(self, unet: UNet3DConditionModel, interval: int, plain_forward=None):
+        """`plain_forward` (default: the UNet itself, e.g. a compiled UNet) runs the steps when caching is off."""
         self.unet, self.interval = unet, interval
+        self.plain_forward = plain_forward if plain_forward is not None else unet
         self.deep: Optional[torch.Tensor] = None
         self.step = 0
 
     def __call__(self, sample: torch.Tensor, timestep, context: torch.Tensor) -> torch.Tensor:
         if self.interval <= 1:
-            return self.unet(sample, timestep, encoder_hidden_states=context).sample
+            return self.plain_forward(sample, timestep, encoder_hidden_states=context).sample
         full = self.deep is None or self.step % self.interval == 0
         self.step += 1
         if full:

@@ -23,6 +23,7 @@ FLAGS = {
     "width": "--width", "steps": "--steps", "guidance": "--guidance", "scheduler": "--scheduler", "eta": "--eta",
     "fps": "--fps", "num_videos": "--num-videos", "preset": "--preset", "cache_interval": "--cache-interval",
     "guidance_fraction": "--guidance-fraction", "device": "--device", "dtype": "--dtype", "offload": "--offload",
+    "compile": "--compile",
 }
 REPLAYED = ("prompt", "negative_prompt", "seed", "frames", "height", "width", "steps", "guidance", "scheduler", "eta", "fps",
             "cache_interval", "guidance_fraction")
@@ -163,6 +164,16 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload", default="none", choices=OFFLOAD_MODES,
                         help="keep weights on the CPU and move them to the GPU as needed (for small GPUs)")
     parser.add_argument("--forward-chunking", action="store_true", help="run feed-forward layers one frame at a time (less memory)")
+    parser.add_argument("--compile", action="store_true", help="compile the UNet with torch.compile (CUDA: with CUDA "
+                        "graphs); the first video of each shape pays the compile time")
+
+
+RUNTIME_OPTIONS = ("device", "dtype", "offload", "forward_chunking", "compile")
+
+
+def _runtime(args) -> dict:
+    """The keyword arguments of `vidsynth.load` that the runtime flags set."""
+    return {name: getattr(args, name) for name in RUNTIME_OPTIONS}
 
 
 # ------------------------------------------------------------------------------------------------------- generate
@@ -216,8 +227,7 @@ def run_generate(args) -> int:
         for path in output_paths(args.output, [None] * request.total_videos):
             check_output_path(path)
     _status(f"loading {model or 'the shipped model'}...", args)
-    pipeline = load(model, device=args.device, dtype=args.dtype, offload=args.offload,
-                    forward_chunking=args.forward_chunking)
+    pipeline = load(model, **_runtime(args))
     with ProgressBar(disable=args.json) as bar:
         videos = pipeline.generate(request, bar)
     results = []
@@ -313,8 +323,7 @@ def run_eval(args) -> int:
     if args.prompts < 1 or args.seeds < 1:
         raise UsageError("--prompts and --seeds must be at least 1")
     settings = {k: getattr(args, k) for k in ("steps", "guidance", "scheduler", "preset") if getattr(args, k) is not None}
-    pipeline = load(args.model, device=args.device, dtype=args.dtype, offload=args.offload,
-                    forward_chunking=args.forward_chunking)
+    pipeline = load(args.model, **_runtime(args))
     with ProgressBar() as bar:
         summary = evaluate(pipeline, default_specs(args.prompts), args.seeds, callback=bar, **settings)
     print(f"model {pipeline.name}, {args.prompts} held-out captions x {args.seeds} seeds")
@@ -333,8 +342,8 @@ def run_serve(args) -> int:
         raise UsageError("--max-queue and --keep-jobs must be at least 1")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
-    settings = ServerSettings(data_dir=Path(args.data_dir), model=args.model, device=args.device, dtype=args.dtype,
-                              offload=args.offload, forward_chunking=args.forward_chunking, token=args.token, max_queue=args.max_queue, keep_jobs=args.keep_jobs)
+    settings = ServerSettings(data_dir=Path(args.data_dir), model=args.model, runtime=_runtime(args), token=args.token,
+                              max_queue=args.max_queue, keep_jobs=args.keep_jobs)
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

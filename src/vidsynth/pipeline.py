@@ -31,13 +31,13 @@ LATENT_CHANNELS = 4
 
 
 def load(model: Optional[str] = None, *, device: str = "auto", dtype: str = "auto", offload: str = "none",
-         forward_chunking: bool = False, decode_chunk: int = 8) -> "Pipeline":
+         forward_chunking: bool = False, compile: bool = False, decode_chunk: int = 8) -> "Pipeline":
     """Load a model (alias, folder or hub id; the shipped model when None) ready to generate."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     components = load_components(model, dtype=torch_dtype)
     return Pipeline(components, torch_device, torch_dtype, offload=offload, forward_chunking=forward_chunking,
-                    decode_chunk=decode_chunk)
+                    compile=compile, decode_chunk=decode_chunk)
 
 
 def initial_noise(generator: torch.Generator, frames: int, latent_height: int, latent_width: int) -> torch.Tensor:
@@ -60,9 +60,16 @@ def feed_forward_one_frame_at_a_time(unet: torch.nn.Module) -> None:
                 block.set_chunk_feed_forward(chunk_size=1, dim=frame_axis)
 
 
+def compile_unet(unet: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The UNet compiled once per video shape (frames, size, batch with or without guidance); inductor's caches on
+    disk make later processes compile faster. On CUDA the whole step is also captured as a CUDA graph."""
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    return torch.compile(unet, mode=mode, dynamic=False)
+
+
 class Pipeline:
     def __init__(self, components: Components, device: torch.device, dtype: torch.dtype, *, offload: str = "none",
-                 forward_chunking: bool = False, decode_chunk: int = 8):
+                 forward_chunking: bool = False, compile: bool = False, decode_chunk: int = 8):
         if offload not in OFFLOAD_MODES:
             raise RequestError("offload", f"unknown offload mode {offload!r}; choose from {', '.join(OFFLOAD_MODES)}")
         if decode_chunk < 1:
@@ -70,6 +77,8 @@ class Pipeline:
         self.components = components
         self.device, self.dtype = device, dtype
         self.offload = offload if device.type != "cpu" else "none"  # offloading to the CPU from the CPU is a no-op
+        if compile and self.offload != "none":
+            raise RequestError("compile", "cannot be combined with offloading, which moves weights during the step")
         self.decode_chunk = decode_chunk
         self.models = (components.text_encoder, components.unet, components.vae)
         for module in self.models:
@@ -84,6 +93,7 @@ class Pipeline:
         elif self.offload == "none":
             for module in self.models:
                 module.to(device)
+        self.compiled_unet = compile_unet(components.unet, device) if compile else None
 
     @property
     def name(self) -> str:
@@ -158,7 +168,8 @@ class Pipeline:
 
     def denoise(self, latents: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
                 request: GenerationRequest, generator: torch.Generator, on_step) -> torch.Tensor:
-        unet = DeepFeatureCache(self.components.unet, request.cache_interval)
+        # Deep-feature reuse runs parts of the UNet by hand, so it always runs them uncompiled.
+        unet = DeepFeatureCache(self.components.unet, request.cache_interval, self.compiled_unet)
         scheduler = make_scheduler(request.scheduler, self.components.schedule)
         scheduler.set_timesteps(request.steps, device=self.device)
         step_options = self._step_options(scheduler, request.eta, generator)
@@ -168,6 +179,8 @@ class Pipeline:
         latents = latents.to(self.device) * scheduler.init_noise_sigma
         with self._using(self.components.unet), text_attention_per_video(self.components.unet, latents.shape[2]):
             for step, t in enumerate(scheduler.timesteps):
+                if self.compiled_unet is not None and self.device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed
                 guided = step < guided_steps
                 model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
                 noise = unet(model_input.to(self.dtype), t, both if guided else positive).float()

@@ -12,7 +12,7 @@ import contextlib
 import ipaddress
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Literal, Optional
@@ -39,10 +39,7 @@ EVENT_POLL_SECONDS = 0.05
 class ServerSettings:
     data_dir: Path
     model: Optional[str] = None
-    device: str = "auto"
-    dtype: str = "auto"
-    offload: str = "none"
-    forward_chunking: bool = False
+    runtime: dict = field(default_factory=dict)  # keyword arguments of vidsynth.load: device, dtype, offload, ...
     token: Optional[str] = None
     max_queue: int = 100  # queued jobs beyond this get 429
     keep_jobs: int = 500  # finished jobs (and their files) kept; older ones are deleted
@@ -78,8 +75,7 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
         nonlocal pipeline
         if pipeline is None:
             from .pipeline import load
-            pipeline = await asyncio.to_thread(load, settings.model, device=settings.device, dtype=settings.dtype,
-                                               offload=settings.offload, forward_chunking=settings.forward_chunking)
+            pipeline = await asyncio.to_thread(load, settings.model, **settings.runtime)
         store = JobStore(settings.data_dir)
         store.recover()
         events = EventLog()
