@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this long")
     train.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     train.add_argument("--device", default="auto")
+    train.add_argument("--workers", type=int, help="processes drawing training clips (default: up to 8 on CUDA, "
+                       "none on the CPU)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--no-resume", dest="resume", action="store_false", help="start over even if OUT has a checkpoint")
     train.set_defaults(run=run_train)
@@ -357,7 +359,10 @@ def run_train(args) -> int:
     options = TrainOptions(out=Path(args.out), architecture=args.architecture, init=args.init, data=args.data,
                            steps=args.steps, vae_steps=args.vae_steps, batch_size=args.batch_size, lr=args.lr,
                            checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
-                           precision=args.precision, device=args.device, seed=args.seed, resume=args.resume)
+                           precision=args.precision, device=args.device, workers=args.workers, seed=args.seed,
+                           resume=args.resume)
+    if args.workers is not None and args.workers < 0:
+        raise UsageError("--workers must be 0 or more")
     path = train(options)
     print(f"model written to {path} (use it with --model {path})", file=sys.stderr)
     return 0

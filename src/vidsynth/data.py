@@ -7,6 +7,7 @@ Everything is drawn with numpy from a seed, so a dataset is a seed, not files.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
+import torch
 
 from .errors import VidsynthError
 
@@ -186,3 +188,19 @@ def _center_square(frame: np.ndarray, size: int) -> np.ndarray:
     top, left = (height - side) // 2, (width - side) // 2
     square = Image.fromarray(frame[top:top + side, left:left + side])
     return np.asarray(square.resize((size, size), Image.Resampling.BILINEAR))
+
+
+class ClipStream(torch.utils.data.IterableDataset):
+    """Endless (clip tensor, caption) pairs from a dataset with `rng` and `sample()`, for a DataLoader: each loader
+    worker draws from its own copy with its own seed (worker 0, or no workers, uses `seed` itself)."""
+
+    def __init__(self, data, seed: int):
+        self.data, self.seed = data, seed
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, str]]:
+        worker = torch.utils.data.get_worker_info()
+        data = copy.copy(self.data)
+        data.rng = np.random.default_rng(self.seed + 1_000_003 * (worker.id if worker else 0))
+        while True:
+            clip, caption = data.sample()
+            yield torch.from_numpy(clip), caption

@@ -25,7 +25,7 @@ from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .data import ProceduralClips, VideoFolder
+from .data import ClipStream, ProceduralClips, VideoFolder
 from .devices import resolve_device
 from .errors import VidsynthError
 from .loading import Components, load_components, save_model_folder
@@ -93,6 +93,7 @@ class TrainOptions:
     offset_noise: float = 0.1
     checkpoint_every: int = 250
     max_minutes: Optional[float] = None
+    workers: Optional[int] = None  # processes drawing clips; default: several on CUDA, none on the CPU
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     device: str = "auto"
     seed: int = 0
@@ -146,6 +147,7 @@ class Trainer:
         self.components, self.arch = self._initial_components()
         self.fine_tuning = options.init is not None
         self.data = self._data()
+        self.loaders = {}  # batch size -> batch iterator
         self.unet, self.vae, self.text_encoder = self.components.unet, self.components.vae, self.components.text_encoder
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(self.device)
@@ -208,14 +210,28 @@ class Trainer:
             return components, arch
         return build_components(requested), requested
 
-    def _data(self):
+    def _data(self) -> ClipStream:
         if self.options.data == "procedural":
-            return ProceduralClips(self.arch.frames, self.arch.size, seed=self.options.seed + self.progress["step"])
-        return VideoFolder(Path(self.options.data), self.arch.frames, self.arch.size, seed=self.options.seed)
+            data = ProceduralClips(self.arch.frames, self.arch.size)
+            return ClipStream(data, seed=self.options.seed + self.progress["step"])
+        return ClipStream(VideoFolder(Path(self.options.data), self.arch.frames, self.arch.size), seed=self.options.seed)
+
+    def _workers(self) -> int:
+        if self.options.workers is not None:
+            return self.options.workers
+        # On a GPU, drawing clips in the training process would leave the GPU waiting; on the CPU, workers would
+        # take cores from the training itself.
+        return min(8, max(0, (os.cpu_count() or 1) - 2)) if self.device.type == "cuda" else 0
 
     def _batch(self, size: Optional[int] = None) -> tuple[torch.Tensor, list[str]]:
-        clips, captions = zip(*(self.data.sample() for _ in range(size or self.options.batch_size)))
-        video = torch.from_numpy(np.stack(clips)).to(self.device)  # batch x frames x H x W x 3, uint8
+        size = size or self.options.batch_size
+        if size not in self.loaders:
+            workers = self._workers()
+            loader = torch.utils.data.DataLoader(self.data, batch_size=size, num_workers=workers,
+                                                 pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
+            self.loaders[size] = iter(loader)
+        clips, captions = next(self.loaders[size])
+        video = clips.to(self.device, non_blocking=True)  # batch x frames x H x W x 3, uint8
         return video.permute(0, 1, 4, 2, 3).float() / 127.5 - 1, list(captions)
 
     def _autocast(self):
