@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet3DConditionModel
@@ -69,6 +68,7 @@ ARCHITECTURES = {
     # autoencoder loses colour and outline of shapes this small), ~2.9M UNet parameters. Attention only at 8x8 and
     # 4x4 latents, where colour, shape and motion are decided: at 16x16 it cost a quarter of each training step.
     # Head size 8: the UNet's first temporal transformer is 8 heads wide at full resolution whatever the channels.
+    # The model shipped now is an earlier f = 8 one; its model card names the commit that trained it.
     "tiny": Architecture(frames=16, size=64, unet_channels=(32, 64, 64), head_dim=8, text_width=64, text_layers=2,
                          vae_channels=(32, 64, 64), attention_levels=(1, 2)),
     # for tests: seconds per step
