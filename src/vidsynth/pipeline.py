@@ -18,6 +18,7 @@ from diffusers.models import Transformer2DModel, TransformerTemporalModel
 from . import __version__
 from .attention import text_attention_per_video
 from .caching import DeepFeatureCache
+from .convolution import temporal_convs_as_2d
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import NumericalError, RequestError
 from .events import Callback, Event, emit
@@ -62,9 +63,21 @@ def feed_forward_one_frame_at_a_time(unet: torch.nn.Module) -> None:
 
 def compile_unet(unet: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """The UNet compiled once per video shape (frames, size, batch with or without guidance); inductor's caches on
-    disk make later processes compile faster. On CUDA the whole step is also captured as a CUDA graph."""
-    mode = "reduce-overhead" if device.type == "cuda" else "default"
-    return torch.compile(unet, mode=mode, dynamic=False)
+    disk make later processes compile faster. On CUDA the whole step is also captured as a CUDA graph. Elsewhere the
+    weights are frozen into the graph, which lets oneDNN pre-pack them for its convolutions and matrix products: the
+    UNet's weights must not change after the first call."""
+    if device.type == "cuda":
+        return torch.compile(unet, mode="reduce-overhead", dynamic=False)
+    import torch._inductor.config  # inductor is heavy to import: only when compiling
+
+    compiled = torch.compile(unet, dynamic=False)
+
+    def with_frozen_weights(*args, **kwargs):
+        # Compilation happens inside the call; torch.compile's `options={"freezing": True}` does not reach inductor's
+        # freezing pass (torch 2.13), a config patch around the call does.
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+    return with_frozen_weights
 
 
 class Pipeline:
@@ -177,7 +190,9 @@ class Pipeline:
         both = torch.cat([negative, positive])
         # Latents stay float32 between steps so half-precision models do not accumulate rounding in the sampler.
         latents = latents.to(self.device) * scheduler.init_noise_sigma
-        with self._using(self.components.unet), text_attention_per_video(self.components.unet, latents.shape[2]):
+        on_cpu = self.device.type == "cpu"
+        with (self._using(self.components.unet), text_attention_per_video(self.components.unet, latents.shape[2]),
+              temporal_convs_as_2d(self.components.unet) if on_cpu else contextlib.nullcontext()):
             for step, t in enumerate(scheduler.timesteps):
                 if self.compiled_unet is not None and self.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed
