@@ -9,7 +9,7 @@ import contextlib
 import inspect
 import math
 import warnings
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ def feed_forward_one_frame_at_a_time(unet: torch.nn.Module) -> None:
                 block.set_chunk_feed_forward(chunk_size=1, dim=frame_axis)
 
 
-def compile_unet(unet: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def compile_unet(unet: torch.nn.Module, device: torch.device) -> Callable:
     """The UNet compiled once per video shape (frames, size, batch with or without guidance); inductor's caches on
     disk make later processes compile faster. On CUDA the whole step is also captured as a CUDA graph. Elsewhere the
     weights are frozen into the graph, which lets oneDNN pre-pack them for its convolutions and matrix products: the
