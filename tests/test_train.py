@@ -112,11 +112,29 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert progress_of(run)["step"] == 2
 
 
-def test_min_snr_weights_favour_the_noisy_steps(tmp_path):
-    trainer = Trainer(TrainOptions(out=tmp_path / "run", steps=1, **MICRO))
-    weights = trainer._loss_weights(torch.tensor([999, 500, 100, 1]))
-    assert weights[0] == weights[1] == 1.0  # SNR below 5: full weight
-    assert 0 < weights[3] < weights[2] < 1.0  # nearly clean steps count less, the cleaner the less
+def test_models_from_scratch_learn_velocity_on_a_zero_terminal_snr_schedule(tmp_path):
+    run = tmp_path / "run"
+    trainer = Trainer(TrainOptions(out=run, steps=1, **MICRO))
+    schedule = trainer.noise_schedule
+    assert schedule.alphas_cumprod[-1] == 0  # the noisiest training step is pure noise, as sampling starts
+    latents, noise = torch.randn(2, 4, 2, 4, 4), torch.randn(2, 4, 2, 4, 4)
+    assert torch.allclose(schedule.get_velocity(latents, noise, torch.tensor([999, 999])), -latents)
+    trainer.run()
+    saved = json.loads((run / "model" / "scheduler" / "scheduler_config.json").read_text())
+    assert (saved["prediction_type"], saved["rescale_betas_zero_snr"], saved["timestep_spacing"]) == \
+        ("v_prediction", True, "trailing")
+
+
+def test_min_snr_weights_favour_the_noisy_steps(tmp_path, tiny_model_dir):
+    steps = torch.tensor([999, 500, 100, 1])
+    velocity = Trainer(TrainOptions(out=tmp_path / "v", steps=1, **MICRO))._loss_weights(steps)
+    assert velocity[0] == velocity[1] == 1.0  # SNR + 1 below 5: full weight, pure noise included
+    assert 0 < velocity[3] < velocity[2] < 1.0  # nearly clean steps count less, the cleaner the less
+    fine_tuning = Trainer(TrainOptions(out=tmp_path / "eps", init=str(tiny_model_dir), steps=1, batch_size=2))
+    assert fine_tuning.noise_schedule.config.prediction_type == "epsilon"  # the schedule of the model it starts from
+    epsilon = fine_tuning._loss_weights(steps)
+    assert epsilon[0] == epsilon[1] == 1.0
+    assert 0 < epsilon[3] < epsilon[2] < 1.0
 
 
 def test_the_autoencoder_sees_frames_of_distinct_clips(tmp_path, monkeypatch):

@@ -36,6 +36,13 @@ CHECKPOINT = "model"
 VAE_FRAMES_PER_STEP = 32  # the VAE is trained on single frames
 TRAINING_STATE = "training"
 MIN_SNR_GAMMA = 5.0
+# The noise schedule of models trained from scratch: ModelScope's betas rescaled to zero terminal SNR, with
+# v-prediction (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed"). On ModelScope's
+# own schedule the noisiest step keeps 7 % of the signal, so a model trained on it reads the background and the
+# shape's colour from the noisy input itself, never has to learn them from the caption, and then draws at random
+# from the pure noise sampling starts with. Fine-tuning keeps the schedule of the model it starts from.
+SCRATCH_SCHEDULE = {**MODELSCOPE_SCHEDULE, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                    "timestep_spacing": "trailing"}
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,6 @@ class TrainOptions:
     vae_lr: float = 1e-3
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
-    offset_noise: float = 0.1
     checkpoint_every: int = 250
     max_minutes: Optional[float] = None
     workers: Optional[int] = None  # processes drawing clips; default: several on CUDA, none on the CPU
@@ -117,7 +123,7 @@ def build_components(arch: Architecture) -> Components:
         max_position_embeddings=77, hidden_act="gelu", projection_dim=arch.text_width, pad_token_id=0,
         bos_token_id=49406, eos_token_id=49407))
     defaults = ModelDefaults(frames=arch.frames, height=arch.size, width=arch.size, steps=20, guidance=4.0, fps=8)
-    return Components(tokenizer=openclip_tokenizer(), text_encoder=text_encoder, unet=unet, vae=vae, schedule=None,
+    return Components(tokenizer=openclip_tokenizer(), text_encoder=text_encoder, unet=unet, vae=vae, schedule=SCRATCH_SCHEDULE,
                       defaults=defaults, name="scratch")
 
 
@@ -315,9 +321,6 @@ class Trainer:
             latents, captions = self._encode(*self._batch())
             ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
             noise = torch.randn_like(latents)
-            if self.options.offset_noise:
-                # A per-video, per-channel constant lets the model learn global colour (plain backgrounds).
-                noise += self.options.offset_noise * torch.randn(*latents.shape[:2], 1, 1, 1, device=self.device)
             t = torch.randint(0, self.noise_schedule.config.num_train_timesteps, (len(latents),), device=self.device)
             noisy = self.noise_schedule.add_noise(latents, noise, t)
             warmup = min(1.0, (self.progress["step"] + 1) / 100)
@@ -327,7 +330,8 @@ class Trainer:
                 context = self.text_encoder(ids.to(self.device)).last_hidden_state
             with self._autocast():
                 prediction = self.unet(noisy, t, encoder_hidden_states=context).sample
-            per_video = F.mse_loss(prediction.float(), noise, reduction="none").mean((1, 2, 3, 4))
+            target = self.noise_schedule.get_velocity(latents, noise, t) if self._predicts_velocity else noise
+            per_video = F.mse_loss(prediction.float(), target, reduction="none").mean((1, 2, 3, 4))
             loss = (self._loss_weights(t) * per_video).mean()
             self._step(loss)
             self.ema.step(self.parameters)
@@ -338,12 +342,20 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
 
+    @property
+    def _predicts_velocity(self) -> bool:
+        return self.noise_schedule.config.prediction_type == "v_prediction"
+
     def _loss_weights(self, t: torch.Tensor) -> torch.Tensor:
-        # Min-SNR-5 weighting (Hang et al. 2023): the nearly clean steps, which say little about the prompt, stop
-        # dominating the gradient; the paper reports about 3x faster convergence.
+        # Min-SNR-5 (Hang et al. 2023): measured as an error in the clean latents, an epsilon loss weighs each step
+        # by its SNR and a v loss by SNR + 1; capping that weight at 5 stops the nearly clean steps, which say little
+        # about the prompt, from dominating the gradient (the paper reports about 3x faster convergence). Below the
+        # cap the objective's own weight stays: for v that is at least 1, so the pure-noise steps, where the caption
+        # alone decides colour and layout, keep their full say.
         alphas = self.noise_schedule.alphas_cumprod.to(t.device)[t]
         snr = alphas / (1 - alphas)
-        return snr.clamp(max=MIN_SNR_GAMMA) / snr
+        weight = snr + 1 if self._predicts_velocity else snr
+        return weight.clamp(max=MIN_SNR_GAMMA) / weight
 
     def _step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
