@@ -3,10 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from diffusers.models.attention import FeedForward
+from diffusers.models.unets.unet_3d_condition import UNet3DConditionOutput
 
 import vidsynth
 from vidsynth import Cancelled, GenerationRequest, NumericalError
+from vidsynth.schedulers import MODELSCOPE_SCHEDULE, SCRATCH_SCHEDULE
 
 SMALL = dict(frames=3, height=32, width=32, steps=3)
 
@@ -138,3 +141,26 @@ def test_generation_never_records_autograd_history():
     Pipeline(components, torch.device("cpu"), torch.float32)("a prompt", progress=False,
                                                              callback=lambda event: seen.append(torch.is_grad_enabled()))
     assert seen and not any(seen)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm++", "unipc", "euler"])
+@pytest.mark.parametrize("schedule", [MODELSCOPE_SCHEDULE, SCRATCH_SCHEDULE], ids=["epsilon", "velocity-zero-snr"])
+def test_samplers_follow_the_models_prediction_type_and_schedule(tiny_model_dir, monkeypatch, scheduler, schedule):
+    """A denoiser that knows the answer, speaking the model's parameterisation: every sampler must land on it."""
+    pipeline = vidsynth.load(str(tiny_model_dir), device="cpu", dtype="float32")
+    pipeline.components.schedule = schedule
+    alphas_cumprod = DDPMScheduler.from_config(schedule).alphas_cumprod
+    side = SMALL["height"] // pipeline.components.vae_scale_factor
+    answer = torch.randn(1, 4, SMALL["frames"], side, side, generator=torch.Generator().manual_seed(0))
+
+    def oracle(sample, timestep, encoder_hidden_states, **kwargs):
+        alpha = alphas_cumprod[int(timestep)]
+        noise = (sample - alpha.sqrt() * answer) / (1 - alpha).sqrt()
+        output = noise if schedule["prediction_type"] == "epsilon" else alpha.sqrt() * noise - (1 - alpha).sqrt() * answer
+        return UNet3DConditionOutput(sample=output)
+
+    monkeypatch.setattr(pipeline.components.unet, "forward", oracle)
+    video = frames_of(pipeline, seed=0, scheduler=scheduler, steps=10, guidance=1.0)
+    expected = pipeline.decode(answer, lambda k, n: None)
+    # DDIM's last step lands on alphas_cumprod[0], not 1 (as ModelScope's), which leaves 3 % of the noise in
+    assert np.abs(video.astype(int) - expected.astype(int)).max() <= (6 if scheduler == "ddim" else 2)

@@ -20,6 +20,14 @@ MODELSCOPE_SCHEDULE = {
     "timestep_spacing": "leading",
 }
 
+# The schedule `vidsynth train` gives models it trains from scratch: ModelScope's betas rescaled to zero terminal
+# SNR, with v-prediction and trailing timesteps (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps
+# are Flawed"). On ModelScope's own schedule the noisiest step keeps 7 % of the signal, so a model trained on it
+# reads the background and the shape's colour from the noisy input itself, never has to learn them from the
+# caption, and then draws at random from the pure noise sampling starts with.
+SCRATCH_SCHEDULE = {**MODELSCOPE_SCHEDULE, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                    "timestep_spacing": "trailing"}
+
 _CLASSES = {
     "ddim": (DDIMScheduler, {}),
     "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),

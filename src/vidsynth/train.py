@@ -30,19 +30,12 @@ from .errors import VidsynthError
 from .loading import Components, load_components, save_model_folder
 from .modelscope_format import openclip_tokenizer
 from .request import ModelDefaults
-from .schedulers import MODELSCOPE_SCHEDULE
+from .schedulers import MODELSCOPE_SCHEDULE, SCRATCH_SCHEDULE
 
 CHECKPOINT = "model"
 VAE_FRAMES_PER_STEP = 32  # the VAE is trained on single frames
 TRAINING_STATE = "training"
 MIN_SNR_GAMMA = 5.0
-# The noise schedule of models trained from scratch: ModelScope's betas rescaled to zero terminal SNR, with
-# v-prediction (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed"). On ModelScope's
-# own schedule the noisiest step keeps 7 % of the signal, so a model trained on it reads the background and the
-# shape's colour from the noisy input itself, never has to learn them from the caption, and then draws at random
-# from the pure noise sampling starts with. Fine-tuning keeps the schedule of the model it starts from.
-SCRATCH_SCHEDULE = {**MODELSCOPE_SCHEDULE, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
-                    "timestep_spacing": "trailing"}
 
 
 @dataclass(frozen=True)
