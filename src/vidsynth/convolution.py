@@ -1,4 +1,4 @@
-"""Temporal convolutions run as 2-D convolutions, on the CPU (generation and training).
+"""Temporal convolutions run as 2-D convolutions, on the CPU.
 
 The UNet's temporal layers convolve each pixel's sequence of frames with a (3, 1, 1) kernel. On the CPU PyTorch runs
 such a Conv3d through its generic `slow_conv3d` kernel; the same sums written as a Conv2d with a (3, 1) kernel over a

@@ -12,7 +12,6 @@ import math
 import os
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -25,7 +24,6 @@ from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .convolution import temporal_convs_as_2d
 from .data import ClipStream, ProceduralClips, VideoFolder
 from .devices import resolve_device
 from .errors import VidsynthError
@@ -323,7 +321,7 @@ class Trainer:
                 group["lr"] = self.options.lr * warmup
             with self._autocast(), torch.set_grad_enabled(not self.fine_tuning):
                 context = self.text_encoder(ids.to(self.device)).last_hidden_state
-            with self._autocast(), temporal_convs_as_2d(self.unet) if self.device.type == "cpu" else nullcontext():
+            with self._autocast():
                 prediction = self.unet(noisy, t, encoder_hidden_states=context).sample
             target = self.noise_schedule.get_velocity(latents, noise, t) if self._predicts_velocity else noise
             per_video = F.mse_loss(prediction.float(), target, reduction="none").mean((1, 2, 3, 4))
