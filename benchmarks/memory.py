@@ -39,6 +39,8 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, device)
     components = full_size_components(dtype)
     reset_peak_memory(device)
+    for module in (components.unet, components.vae, components.text_encoder):
+        module.to(device)  # where each pipeline below keeps them, so that this figure is the weights alone
     weights = peak_memory_gib(device)
     print(f"Command: `python benchmarks/memory.py {' '.join(sys.argv[1:])}`  ")
     print(f"Machine: {torch.cuda.get_device_name() if device.type == 'cuda' else f'{cpu_name()}, {os.cpu_count()} cores'}, "

@@ -177,7 +177,8 @@ def main() -> None:
             results["diffusers"].append(measured("diffusers", run_theirs))
             results["vidsynth"].append(measured("vidsynth", run_ours))
 
-    difference = int(np.abs(outputs["vidsynth"].astype(int) - outputs["diffusers"]).max())
+    differences = np.abs(outputs["vidsynth"].astype(int) - outputs["diffusers"])
+    difference, mean_difference = int(differences.max()), float(differences.mean())
     summary = {name: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
                for name, runs in results.items()}
     summary["ratio_total"] = summary["vidsynth"]["total"] / summary["diffusers"]["total"]
@@ -194,6 +195,8 @@ def main() -> None:
               "torch": torch.__version__, "python": platform.python_version(), "model": components.name,
               "dtype": dtype_name(dtype), "settings": settings, "runs": args.runs, "warmup": warmup,
               "results": results, "median": summary, "max_pixel_difference": difference,
+              "mean_pixel_difference": mean_difference,
+              "mean_pixel_value": {name: float(frames.mean()) for name, frames in outputs.items()},
               "command": "python benchmarks/versus_diffusers.py " + " ".join(sys.argv[1:])}
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
@@ -208,7 +211,8 @@ def main() -> None:
         ratio = f"{a / b:.2f}" if a and b else "-"
         print(f"| {key}{unit} | {a:.3f} | {b:.3f} | {ratio} |" if a is not None and b is not None else f"| {key} | - | - | - |")
     print(f"| warm-up total (s) | {warmup['vidsynth']['total']:.3f} | {warmup['diffusers']['total']:.3f} | |")
-    print(f"\nmax pixel difference between the two videos: {difference}/255")
+    print(f"\npixel difference between the two videos: max {difference}/255, mean {mean_difference:.2f}/255 "
+          f"(mean pixel value: vidsynth {outputs['vidsynth'].mean():.1f}, diffusers {outputs['diffusers'].mean():.1f})")
 
 
 if __name__ == "__main__":
