@@ -30,12 +30,12 @@ def test_generate_without_model_uses_the_shipped_model(tmp_path):
         assert json.loads(container.metadata["comment"])["model"] == SHIPPED_MODEL
 
 
-def test_shipped_model_draws_one_shape_on_the_asked_background():
-    """Held-out captions (never seen in training). What this early model reliably does: the background the prompt
-    names and one visible shape. Colour, shape and motion accuracy are measured in its model card, not yet at the
-    level a test should hold it to."""
+def test_shipped_model_draws_the_asked_colour_shape_and_background():
+    """Held-out captions (never seen in training), at the shipped settings. Thresholds sit below what its model card
+    measures on 150 videos (colour 100 %, shape 63-65 %, background 100 %) so that bfloat16 CPUs pass too; the
+    direction of motion is not yet followed (the card's figures), so it is not held here."""
     pipeline = vidsynth.load(SHIPPED_MODEL)
     summary = evaluate(pipeline, default_specs(16), seeds=2)
+    assert summary["color_accuracy"] >= 0.9, summary["color_accuracy"]
     assert summary["background_accuracy"] >= 0.9, summary["background_accuracy"]
-    drawn = sum(result["found"]["color"] is not None for result in summary["results"])
-    assert drawn >= 0.9 * summary["samples"], drawn
+    assert summary["shape_accuracy"] >= 0.5, summary["shape_accuracy"]  # chance: 1 in 3

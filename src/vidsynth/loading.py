@@ -18,11 +18,10 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from . import modelscope_format
 from .errors import ModelError, ModelUnavailableError
-from .registry import HUB_IDS, KNOWN_MODELS, SHIPPED_MODEL, KnownModel, package_model_path
+from .registry import DEFAULTS_FILE, HUB_IDS, KNOWN_MODELS, SHIPPED_MODEL, KnownModel, package_model_path
 from .request import ModelDefaults
 
 DIFFUSERS_INDEX = "model_index.json"
-DEFAULTS_FILE = "vidsynth.json"  # the native settings vidsynth writes beside the weights it saves
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .request import ModelDefaults
 
 SHIPPED_MODEL = "vidsynth-tiny"
+DEFAULTS_FILE = "vidsynth.json"  # the native settings vidsynth writes beside the weights it saves
 
 
 @dataclass(frozen=True)
@@ -18,9 +20,18 @@ class KnownModel:
     description: str
 
 
+def package_model_path(name: str) -> Path:
+    return Path(__file__).resolve().parent / "assets" / "models" / name
+
+
+def _packaged_defaults(name: str) -> ModelDefaults:
+    # A packaged model's native settings are the vidsynth.json saved with its weights, kept in that one place.
+    return ModelDefaults(**json.loads((package_model_path(name) / DEFAULTS_FILE).read_text())["defaults"])
+
+
 KNOWN_MODELS = {
     model.alias: model for model in [
-        KnownModel(SHIPPED_MODEL, f"package:{SHIPPED_MODEL}", ModelDefaults(frames=16, height=64, width=64, steps=20, guidance=4.0, fps=8),
+        KnownModel(SHIPPED_MODEL, f"package:{SHIPPED_MODEL}", _packaged_defaults(SHIPPED_MODEL),
                    "vidsynth's own small model, shipped in the package: coloured shapes moving on plain backgrounds"),
         KnownModel("ms-1.7b", "hf:damo-vilab/text-to-video-ms-1.7b", ModelDefaults(),
                    "ModelScope text-to-video 1.7B (diffusers port), 16 frames at 256x256"),
@@ -35,7 +46,3 @@ KNOWN_MODELS = {
     ]
 }
 HUB_IDS = {model.source.split(":", 1)[1]: model for model in KNOWN_MODELS.values() if not model.source.startswith("package:")}
-
-
-def package_model_path(name: str) -> Path:
-    return Path(__file__).resolve().parent / "assets" / "models" / name
