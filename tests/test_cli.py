@@ -115,6 +115,13 @@ def test_convert_modelscope_layout_gives_the_same_video(modelscope_reference, tm
     assert refused.returncode == 2 and "already exists" in refused.stderr
 
 
+def test_converted_models_do_not_name_the_folder_they_came_from(tiny_model_dir, tmp_path):
+    converted = vidsynth("convert", tiny_model_dir, tmp_path / "converted", "--dtype", "float16", cwd=tmp_path)
+    assert converted.returncode == 0, converted.stderr
+    for part in ("unet", "vae", "text_encoder"):
+        assert str(tiny_model_dir) not in (tmp_path / "converted" / part / "config.json").read_text(), part
+
+
 def test_models_lists_the_aliases(capsys):
     assert main(["models", "--json"]) == 0
     rows = {row["alias"]: row for row in json.loads(capsys.readouterr().out)}

@@ -207,6 +207,7 @@ def save_model_folder(components: Components, folder: Path, *, dtype: Optional[t
         original = next(module.parameters()).dtype
         module.to(dtype or original).save_pretrained(folder / name, safe_serialization=True)
         module.to(original)
+        _forget_source_path(folder / name / "config.json")
     components.tokenizer.save_pretrained(folder / "tokenizer")
     scheduler_dir = folder / "scheduler"
     scheduler_dir.mkdir(exist_ok=True)
@@ -222,3 +223,11 @@ def save_model_folder(components: Components, folder: Path, *, dtype: Optional[t
     (folder / DIFFUSERS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     (folder / DEFAULTS_FILE).write_text(json.dumps({"defaults": components.defaults.as_dict()}, indent=2) + "\n")
     return folder
+
+
+def _forget_source_path(config_file: Path) -> None:
+    # diffusers records the folder a model was loaded from; in a saved copy that path only names the machine it
+    # was converted on.
+    config = json.loads(config_file.read_text())
+    if config.pop("_name_or_path", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
