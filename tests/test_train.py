@@ -14,7 +14,7 @@ from vidsynth.errors import VidsynthError
 from vidsynth.train import ARCHITECTURES, Trainer, TrainOptions, architecture_of, build_components, train
 from vidsynth.video import write_video
 
-MICRO = dict(architecture="micro", batch_size=2, checkpoint_every=2, vae_steps=2, lr=1e-3)
+MICRO = dict(architecture="micro", batch_size=2, checkpoint_every=2, vae_steps=2, text_steps=2, lr=1e-3)
 
 
 def progress_of(run):
@@ -23,9 +23,9 @@ def progress_of(run):
 
 def test_train_save_resume_and_generate(tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "--out", str(run), "--architecture", "micro", "--steps", "3", "--vae-steps", "2",
+    assert main(["train", "--out", str(run), "--architecture", "micro", "--steps", "3", "--vae-steps", "2", "--text-steps", "2",
                  "--batch-size", "2", "--checkpoint-every", "2"]) == 0
-    assert progress_of(run)["step"] == 3 and progress_of(run)["vae_step"] == 2
+    assert progress_of(run)["step"] == 3 and progress_of(run)["vae_step"] == 2 and progress_of(run)["text_step"] == 2
 
     trainer = Trainer(TrainOptions(out=run, steps=5, **MICRO))  # picks up the checkpoint
     assert trainer.progress["step"] == 3
@@ -167,7 +167,7 @@ def test_architectures_put_attention_where_they_say(name):
 
 def test_max_minutes_stops_with_a_checkpoint(tmp_path):
     train(TrainOptions(out=tmp_path / "run", steps=1000, max_minutes=0, **MICRO))
-    assert progress_of(tmp_path / "run") | {"seconds": 0} == {"vae_step": 0, "step": 0, "seconds": 0}
+    assert progress_of(tmp_path / "run") | {"seconds": 0} == {"vae_step": 0, "text_step": 0, "step": 0, "seconds": 0}
 
 
 def test_loader_workers_draw_distinct_seeded_streams(tmp_path):
@@ -182,3 +182,41 @@ def test_loader_workers_draw_distinct_seeded_streams(tmp_path):
     assert not torch.equal(from_worker_0[0], from_worker_1[0])
     train(TrainOptions(out=tmp_path / "run", steps=2, workers=2, **MICRO))
     assert progress_of(tmp_path / "run")["step"] == 2
+
+
+def test_the_text_stage_teaches_words_only_the_motion_shows(tmp_path):
+    from vidsynth.data import ClipSpec, ClipStream, ProceduralClips
+    specs = [ClipSpec("red", "circle", direction, "black") for direction in ("left", "right", "up", "down")]
+    trainer = Trainer(TrainOptions(out=tmp_path / "run", steps=0, **{**MICRO, "vae_steps": 0, "text_steps": 20}))
+    trainer.data = ClipStream(ProceduralClips(4, 32, specs=specs), seed=1)
+    tokenizer = trainer.components.tokenizer
+
+    def closest_pair():  # the highest cosine similarity between two of the captions' encodings
+        with torch.no_grad():
+            ids = tokenizer([spec.caption for spec in specs], padding="max_length", max_length=77, return_tensors="pt").input_ids
+            text = torch.nn.functional.normalize(trainer.text_encoder(ids).pooler_output, dim=-1)
+        return (text @ text.T - 2 * torch.eye(len(specs))).max().item()
+
+    def accuracy():
+        clips = ProceduralClips(4, 32, seed=2, specs=specs)
+        truth, videos = [], []
+        for _ in range(32):
+            clip, caption = clips.sample()
+            truth.append(caption)
+            videos.append(torch.from_numpy(clip))
+        video = torch.stack(videos).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
+        captions = [spec.caption for spec in specs]
+        with torch.no_grad():
+            ids = tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+            text = torch.nn.functional.normalize(trainer.text_encoder(ids).pooler_output, dim=-1)
+            clip_features = torch.nn.functional.normalize(trainer.matcher.video(video.transpose(1, 2)), dim=-1)
+        guesses = (clip_features @ text.T).argmax(1).tolist()
+        return np.mean([captions[g] == t for g, t in zip(guesses, truth)])
+
+    before, similarity_before = accuracy(), closest_pair()
+    trainer.train_text_encoder()
+    assert not trainer.text_encoder.training and not any(p.requires_grad for p in trainer.text_encoder.parameters())
+    # Captions one word apart start as near copies; afterwards the clips can be told apart by their captions alone,
+    # and the encodings the UNet reads are far apart.
+    assert similarity_before > 0.9 and closest_pair() < 0.5
+    assert before <= 0.5 and accuracy() >= 0.9

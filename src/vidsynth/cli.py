@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", default="procedural", help="'procedural' (default) or a folder of videos with <name>.txt captions")
     train.add_argument("--steps", type=int, default=4000, help="UNet steps")
     train.add_argument("--vae-steps", type=int, default=1500)
+    train.add_argument("--text-steps", type=int, help="contrastive text-encoder steps (default: 1000 from scratch, "
+                       "0 when fine-tuning: the model's text encoder is kept)")
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--lr", type=float, default=5e-4)
     train.add_argument("--checkpoint-every", type=int, default=250)
@@ -359,7 +361,7 @@ def run_train(args) -> int:
     if args.workers is not None and args.workers < 0:
         raise UsageError("--workers must be 0 or more")
     options = TrainOptions(out=Path(args.out), architecture=args.architecture, init=args.init, data=args.data,
-                           steps=args.steps, vae_steps=args.vae_steps, batch_size=args.batch_size, lr=args.lr,
+                           steps=args.steps, vae_steps=args.vae_steps, text_steps=args.text_steps, batch_size=args.batch_size, lr=args.lr,
                            checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
                            precision=args.precision, device=args.device, workers=args.workers, seed=args.seed,
                            resume=args.resume)

@@ -1,4 +1,4 @@
-"""Training a ModelScope-architecture model: from scratch (VAE, then UNet and text encoder) or by fine-tuning.
+"""Training a ModelScope-architecture model: from scratch (VAE, text encoder, then UNet) or by fine-tuning.
 
 The models are the same diffusers classes the pipeline runs, in smaller sizes. A run folder holds one checkpoint,
 `model/`: the EMA weights in diffusers layout (so `--model RUN/model` generates with it) plus `model/training/` with
@@ -36,6 +36,8 @@ CHECKPOINT = "model"
 VAE_FRAMES_PER_STEP = 32  # the VAE is trained on single frames
 TRAINING_STATE = "training"
 MIN_SNR_GAMMA = 5.0
+CONTRASTIVE_LOGIT_SCALE = 10.0  # temperature 0.1
+TEXT_BATCH_MINIMUM = 32  # a contrastive step needs many captions to tell apart
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class TrainOptions:
     data: str = "procedural"  # or a folder of videos with captions
     steps: int = 4000  # UNet steps
     vae_steps: int = 1500
+    text_steps: Optional[int] = None  # contrastive text-encoder steps; default 1000 from scratch, none when fine-tuning
     batch_size: int = 8
     lr: float = 5e-4
     vae_lr: float = 1e-3
@@ -97,6 +100,34 @@ class TrainOptions:
     seed: int = 0
     resume: bool = True
     defaults: dict = field(default_factory=dict)  # sampling defaults stored with the model
+
+
+class CaptionMatcher(torch.nn.Module):
+    """The text encoder's training partner: a small video encoder into the text encoder's own output space, where
+    a clip and its caption's pooled encoding should point the same way (CLIP's objective). Discarded after training.
+
+    No projection on the text side and a fixed temperature: the encodings themselves, which the UNet reads, must
+    differ by every word a clip shows, not only after a learned projection magnifies small differences.
+    """
+
+    def __init__(self, text_width: int):
+        super().__init__()
+        conv = torch.nn.Conv3d
+        # Coarse pooling keeps where the shape is in the first and second half of the clip: that is the motion.
+        self.video = torch.nn.Sequential(
+            conv(3, 32, 3, stride=(1, 2, 2), padding=1), torch.nn.SiLU(),
+            conv(32, 64, 3, stride=2, padding=1), torch.nn.SiLU(),
+            conv(64, 128, 3, stride=2, padding=1), torch.nn.SiLU(),
+            torch.nn.AdaptiveAvgPool3d(2), torch.nn.Flatten(), torch.nn.Linear(128 * 8, text_width))
+
+    def loss(self, video: torch.Tensor, pooled_text: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """Symmetric cross-entropy over the batch's pairs; clips with the same caption all count as matches."""
+        video_features = F.normalize(self.video(video.transpose(1, 2)).float(), dim=-1)  # frames after channels
+        text_features = F.normalize(pooled_text.float(), dim=-1)
+        logits = CONTRASTIVE_LOGIT_SCALE * text_features @ video_features.T
+        same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32, device=logits.device)
+        targets = same / same.sum(1, keepdim=True)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
 def build_components(arch: Architecture) -> Components:
@@ -141,7 +172,7 @@ class Trainer:
         self.autocast_dtype, self.scaler = self._precision(options.precision)
         self.run_dir = Path(options.out)
         self.checkpoint_dir = self.run_dir / CHECKPOINT
-        self.progress = {"vae_step": 0, "step": 0, "seconds": 0.0}
+        self.progress = {"vae_step": 0, "text_step": 0, "step": 0, "seconds": 0.0}
         torch.manual_seed(options.seed)
         self.components, self.arch = self._initial_components()
         self.fine_tuning = options.init is not None
@@ -150,13 +181,21 @@ class Trainer:
         self.unet, self.vae, self.text_encoder = self.components.unet, self.components.vae, self.components.text_encoder
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(self.device)
-        # Fine-tuning reuses the VAE and text encoder as they are; from scratch, all three are trained.
-        self.trained = [self.unet] if self.fine_tuning else [self.unet, self.text_encoder]
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.requires_grad_(module is self.unet or not self.fine_tuning)
-        self.parameters = [p for module in self.trained for p in module.parameters()]
+        if options.text_steps is None:
+            options.text_steps = 0 if self.fine_tuning else 1000
+        # The UNet stage trains the UNet alone, as ModelScope's sits on a frozen CLIP text encoder: trained along
+        # with a UNet from scratch, a text encoder only sharpens the words that UNet already uses (colours), and
+        # leaves the rest (directions) as faint as at initialisation, which the UNet then never learns to read.
+        self.trained = [self.unet]
+        self.unet.requires_grad_(True)
+        self.vae.requires_grad_(not self.fine_tuning)  # fine-tuning keeps the model's VAE
+        self.text_encoder.requires_grad_(False)
+        self.parameters = list(self.unet.parameters())
         self.optimizer = torch.optim.AdamW(self.parameters, lr=options.lr, weight_decay=0.01)
         self.vae_optimizer = torch.optim.AdamW(self.vae.parameters(), lr=options.vae_lr)
+        self.matcher = CaptionMatcher(self.text_encoder.config.hidden_size).to(self.device)
+        self.text_parameters = [*self.text_encoder.parameters(), *self.matcher.parameters()]
+        self.text_optimizer = torch.optim.AdamW(self.text_parameters, lr=options.vae_lr, weight_decay=0.01)
         self.ema = EMAModel(self.parameters, decay=options.ema_decay, use_ema_warmup=True, power=0.75)
         self.noise_schedule = DDPMScheduler.from_config(self.components.schedule or MODELSCOPE_SCHEDULE)
         if self._resuming:
@@ -242,6 +281,8 @@ class Trainer:
         try:
             if not self.fine_tuning and self.progress["vae_step"] < self.options.vae_steps:
                 self.train_vae()
+            if self.progress["text_step"] < self.options.text_steps and not self._out_of_time():
+                self.train_text_encoder()
             if not self._out_of_time():
                 self.train_unet()
         except KeyboardInterrupt:
@@ -285,6 +326,33 @@ class Trainer:
         if self.progress["vae_step"] == self.options.vae_steps:
             self.save_checkpoint()  # a finished autoencoder is kept even if the UNet stage is stopped early
 
+    def train_text_encoder(self) -> None:
+        """Stage 2: the text encoder, contrastively against the clips themselves (`CaptionMatcher`), so that every
+        word a clip shows, direction included, changes the encoding the UNet will read."""
+        self.text_encoder.requires_grad_(True).train()
+        self.matcher.train()
+        tokenizer = self.components.tokenizer
+        bar = tqdm(total=self.options.text_steps, initial=self.progress["text_step"], desc="text", unit="step")
+        while self.progress["text_step"] < self.options.text_steps and not self._out_of_time():
+            video, captions = self._batch(max(self.options.batch_size, TEXT_BATCH_MINIMUM))
+            ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            with self._autocast():
+                pooled = self.text_encoder(ids.to(self.device)).pooler_output
+                loss = self.matcher.loss(video, pooled, captions)
+            self.text_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.text_parameters, 1.0)
+            self.text_optimizer.step()
+            self.progress["text_step"] += 1
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if self.progress["text_step"] % self.options.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        self.text_encoder.requires_grad_(False).eval()
+        if self.progress["text_step"] == self.options.text_steps:
+            self.save_checkpoint()
+
     @torch.no_grad()
     def _set_latent_scale(self) -> None:
         # As in Stable Diffusion: scale latents to unit variance so the noise schedule fits them.
@@ -304,10 +372,10 @@ class Trainer:
         return latents, captions
 
     def train_unet(self) -> None:
-        """Stage 2: the denoiser (and, from scratch, the text encoder) on epsilon prediction."""
+        """Stage 3: the denoiser, on the schedule's objective (velocity from scratch), the text encoder frozen."""
         self.vae.eval()
-        for module in self.trained:
-            module.train()
+        self.text_encoder.eval()
+        self.unet.train()
         tokenizer = self.components.tokenizer
         bar = tqdm(total=self.options.steps, initial=self.progress["step"], desc="UNet", unit="step")
         while self.progress["step"] < self.options.steps and not self._out_of_time():
@@ -319,7 +387,7 @@ class Trainer:
             warmup = min(1.0, (self.progress["step"] + 1) / 100)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.options.lr * warmup
-            with self._autocast(), torch.set_grad_enabled(not self.fine_tuning):
+            with self._autocast(), torch.no_grad():
                 context = self.text_encoder(ids.to(self.device)).last_hidden_state
             with self._autocast():
                 prediction = self.unet(noisy, t, encoder_hidden_states=context).sample
@@ -385,10 +453,11 @@ class Trainer:
                 self.ema.restore(self.parameters)
             state = partial / TRAINING_STATE
             state.mkdir()
-            for name in ("unet", "text_encoder", "vae"):
+            for name in ("unet", "text_encoder", "vae", "matcher"):
                 save_model(getattr(self, name), str(state / f"{name}.safetensors"))
             torch.save({"optimizer": self.optimizer.state_dict(), "vae_optimizer": self.vae_optimizer.state_dict(),
-                        "ema": self.ema.state_dict()}, state / "optimizer.pt")
+                        "text_optimizer": self.text_optimizer.state_dict(), "ema": self.ema.state_dict()},
+                       state / "optimizer.pt")
             (state / "progress.json").write_text(json.dumps({
                 "progress": self.progress, "architecture_name": self.options.architecture or ("tiny" if not self.fine_tuning else None),
                 "architecture": asdict(self.arch), "init": self.options.init,
@@ -407,11 +476,12 @@ class Trainer:
 
     def _load_training_state(self) -> None:
         state = self.checkpoint_dir / TRAINING_STATE
-        for name in ("unet", "text_encoder", "vae"):
+        for name in ("unet", "text_encoder", "vae", "matcher"):
             load_model(getattr(self, name), str(state / f"{name}.safetensors"), device=str(self.device))
         saved = torch.load(state / "optimizer.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.vae_optimizer.load_state_dict(saved["vae_optimizer"])
+        self.text_optimizer.load_state_dict(saved["text_optimizer"])
         self.ema.load_state_dict(saved["ema"])
 
 
