@@ -90,6 +90,7 @@ class TrainOptions:
     batch_size: int = 8
     lr: float = 5e-4
     vae_lr: float = 1e-3
+    text_lr: float = 1e-3
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     checkpoint_every: int = 250
@@ -186,7 +187,6 @@ class Trainer:
         # The UNet stage trains the UNet alone, as ModelScope's sits on a frozen CLIP text encoder: trained along
         # with a UNet from scratch, a text encoder only sharpens the words that UNet already uses (colours), and
         # leaves the rest (directions) as faint as at initialisation, which the UNet then never learns to read.
-        self.trained = [self.unet]
         self.unet.requires_grad_(True)
         self.vae.requires_grad_(not self.fine_tuning)  # fine-tuning keeps the model's VAE
         self.text_encoder.requires_grad_(False)
@@ -195,7 +195,7 @@ class Trainer:
         self.vae_optimizer = torch.optim.AdamW(self.vae.parameters(), lr=options.vae_lr)
         self.matcher = CaptionMatcher(self.text_encoder.config.hidden_size).to(self.device)
         self.text_parameters = [*self.text_encoder.parameters(), *self.matcher.parameters()]
-        self.text_optimizer = torch.optim.AdamW(self.text_parameters, lr=options.vae_lr, weight_decay=0.01)
+        self.text_optimizer = torch.optim.AdamW(self.text_parameters, lr=options.text_lr, weight_decay=0.01)
         self.ema = EMAModel(self.parameters, decay=options.ema_decay, use_ema_warmup=True, power=0.75)
         self.noise_schedule = DDPMScheduler.from_config(self.components.schedule or MODELSCOPE_SCHEDULE)
         if self._resuming:
@@ -295,6 +295,19 @@ class Trainer:
         limit = self.options.max_minutes
         return limit is not None and time.monotonic() - self.started >= limit * 60
 
+    def _run_stage(self, counter: str, total: int, name: str, step) -> None:
+        """Call `step()` (one optimiser step, returning its loss) until `total` steps are counted in
+        `self.progress[counter]` or time is up, with a progress bar and a checkpoint every `checkpoint_every`."""
+        bar = tqdm(total=total, initial=self.progress[counter], desc=name, unit="step")
+        while self.progress[counter] < total and not self._out_of_time():
+            loss = step()
+            self.progress[counter] += 1
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if self.progress[counter] % self.options.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+
     def train_vae(self) -> None:
         """Stage 1: the autoencoder, on single frames: reconstruction of the posterior mean plus a small KL term.
 
@@ -303,55 +316,50 @@ class Trainer:
         keeps the means bounded; `_encode` uses the mean too.
         """
         self.vae.train()
-        bar = tqdm(total=self.options.vae_steps, initial=self.progress["vae_step"], desc="VAE", unit="step")
-        while self.progress["vae_step"] < self.options.vae_steps and not self._out_of_time():
-            # One frame from each of many clips: frames of one clip are near copies, so they teach little more.
-            video, _ = self._batch(VAE_FRAMES_PER_STEP)
-            frames = video[torch.arange(len(video)), torch.randint(video.shape[1], (len(video),))]
-            with self._autocast():
-                posterior = self.vae.encode(frames).latent_dist
-                reconstruction = self.vae.decode(posterior.mode()).sample
-            loss = F.mse_loss(reconstruction.float(), frames) + 1e-6 * posterior.kl().mean()
-            self.vae_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.vae_optimizer.step()
-            self.progress["vae_step"] += 1
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if self.progress["vae_step"] % self.options.checkpoint_every == 0:
-                self.save_checkpoint()
-        bar.close()
+        self._run_stage("vae_step", self.options.vae_steps, "VAE", self._vae_step)
         self.vae.eval()
         self._set_latent_scale()
         if self.progress["vae_step"] == self.options.vae_steps:
             self.save_checkpoint()  # a finished autoencoder is kept even if the UNet stage is stopped early
+
+    def _vae_step(self) -> torch.Tensor:
+        # One frame from each of many clips: frames of one clip are near copies, so they teach little more.
+        video, _ = self._batch(VAE_FRAMES_PER_STEP)
+        frames = video[torch.arange(len(video)), torch.randint(video.shape[1], (len(video),))]
+        with self._autocast():
+            posterior = self.vae.encode(frames).latent_dist
+            reconstruction = self.vae.decode(posterior.mode()).sample
+        loss = F.mse_loss(reconstruction.float(), frames) + 1e-6 * posterior.kl().mean()
+        self.vae_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.vae_optimizer.step()
+        return loss
 
     def train_text_encoder(self) -> None:
         """Stage 2: the text encoder, contrastively against the clips themselves (`CaptionMatcher`), so that every
         word a clip shows, direction included, changes the encoding the UNet will read."""
         self.text_encoder.requires_grad_(True).train()
         self.matcher.train()
-        tokenizer = self.components.tokenizer
-        bar = tqdm(total=self.options.text_steps, initial=self.progress["text_step"], desc="text", unit="step")
-        while self.progress["text_step"] < self.options.text_steps and not self._out_of_time():
-            video, captions = self._batch(max(self.options.batch_size, TEXT_BATCH_MINIMUM))
-            ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-            with self._autocast():
-                pooled = self.text_encoder(ids.to(self.device)).pooler_output
-                loss = self.matcher.loss(video, pooled, captions)
-            self.text_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.text_parameters, 1.0)
-            self.text_optimizer.step()
-            self.progress["text_step"] += 1
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if self.progress["text_step"] % self.options.checkpoint_every == 0:
-                self.save_checkpoint()
-        bar.close()
+        self._run_stage("text_step", self.options.text_steps, "text", self._text_step)
         self.text_encoder.requires_grad_(False).eval()
         if self.progress["text_step"] == self.options.text_steps:
             self.save_checkpoint()
+
+    def _text_step(self) -> torch.Tensor:
+        video, captions = self._batch(max(self.options.batch_size, TEXT_BATCH_MINIMUM))
+        with self._autocast():
+            pooled = self.text_encoder(self._token_ids(captions)).pooler_output
+            loss = self.matcher.loss(video, pooled, captions)
+        self.text_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.text_parameters, 1.0)
+        self.text_optimizer.step()
+        return loss
+
+    def _token_ids(self, captions: list[str]) -> torch.Tensor:
+        tokens = self.components.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                                           return_tensors="pt")
+        return tokens.input_ids.to(self.device)
 
     @torch.no_grad()
     def _set_latent_scale(self) -> None:
@@ -376,32 +384,26 @@ class Trainer:
         self.vae.eval()
         self.text_encoder.eval()
         self.unet.train()
-        tokenizer = self.components.tokenizer
-        bar = tqdm(total=self.options.steps, initial=self.progress["step"], desc="UNet", unit="step")
-        while self.progress["step"] < self.options.steps and not self._out_of_time():
-            latents, captions = self._encode(*self._batch())
-            ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, self.noise_schedule.config.num_train_timesteps, (len(latents),), device=self.device)
-            noisy = self.noise_schedule.add_noise(latents, noise, t)
-            warmup = min(1.0, (self.progress["step"] + 1) / 100)
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.options.lr * warmup
-            with self._autocast(), torch.no_grad():
-                context = self.text_encoder(ids.to(self.device)).last_hidden_state
-            with self._autocast():
-                prediction = self.unet(noisy, t, encoder_hidden_states=context).sample
-            target = self.noise_schedule.get_velocity(latents, noise, t) if self._predicts_velocity else noise
-            per_video = F.mse_loss(prediction.float(), target, reduction="none").mean((1, 2, 3, 4))
-            loss = (self._loss_weights(t) * per_video).mean()
-            self._step(loss)
-            self.ema.step(self.parameters)
-            self.progress["step"] += 1
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if self.progress["step"] % self.options.checkpoint_every == 0:
-                self.save_checkpoint()
-        bar.close()
+        self._run_stage("step", self.options.steps, "UNet", self._unet_step)
+
+    def _unet_step(self) -> torch.Tensor:
+        latents, captions = self._encode(*self._batch())
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.noise_schedule.config.num_train_timesteps, (len(latents),), device=self.device)
+        noisy = self.noise_schedule.add_noise(latents, noise, t)
+        warmup = min(1.0, (self.progress["step"] + 1) / 100)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.options.lr * warmup
+        with self._autocast(), torch.no_grad():
+            context = self.text_encoder(self._token_ids(captions)).last_hidden_state
+        with self._autocast():
+            prediction = self.unet(noisy, t, encoder_hidden_states=context).sample
+        target = self.noise_schedule.get_velocity(latents, noise, t) if self._predicts_velocity else noise
+        per_video = F.mse_loss(prediction.float(), target, reduction="none").mean((1, 2, 3, 4))
+        loss = (self._loss_weights(t) * per_video).mean()
+        self._step(loss)
+        self.ema.step(self.parameters)
+        return loss
 
     @property
     def _predicts_velocity(self) -> bool:
