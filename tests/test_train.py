@@ -51,11 +51,16 @@ def test_resume_continues_from_the_saved_weights(tmp_path):
     assert saved.vae.config.scaling_factor == trainer.vae.config.scaling_factor != 0.18215
 
 
-def test_resuming_with_another_architecture_is_refused(tmp_path):
+def test_resuming_with_another_architecture_or_an_old_checkpoint_is_refused(tmp_path):
     run = tmp_path / "run"
     train(TrainOptions(out=run, steps=1, **MICRO))
     with pytest.raises(VidsynthError, match="was trained as 'micro', not 'tiny'"):
         Trainer(TrainOptions(out=run, steps=1, **{**MICRO, "architecture": "tiny"}))
+    progress = run / "model" / "training" / "progress.json"
+    progress.write_text(json.dumps({k: v for k, v in json.loads(progress.read_text()).items() if k != "format"}))
+    with pytest.raises(VidsynthError, match="written by an older vidsynth"):
+        Trainer(TrainOptions(out=run, steps=2, **MICRO))
+    assert Trainer(TrainOptions(out=run, steps=2, resume=False, **MICRO)).progress["step"] == 0
 
 
 def test_fine_tuning_checks_the_architecture_and_reuses_vae_and_text(tmp_path, tiny_model_dir):

@@ -35,6 +35,7 @@ from .schedulers import MODELSCOPE_SCHEDULE, SCRATCH_SCHEDULE
 CHECKPOINT = "model"
 VAE_FRAMES_PER_STEP = 32  # the VAE is trained on single frames
 TRAINING_STATE = "training"
+STATE_FORMAT = 2  # 2: the contrastive text-encoder stage and its state
 MIN_SNR_GAMMA = 5.0
 CONTRASTIVE_LOGIT_SCALE = 10.0  # temperature 0.1
 TEXT_BATCH_MINIMUM = 32  # a contrastive step needs many captions to tell apart
@@ -228,6 +229,9 @@ class Trainer:
             raise VidsynthError(f"unknown architecture {options.architecture!r}; choose from {', '.join(ARCHITECTURES)}")
         if self._resuming:
             saved = json.loads((self.checkpoint_dir / TRAINING_STATE / "progress.json").read_text())
+            if saved.get("format") != STATE_FORMAT:
+                raise VidsynthError(f"{self.checkpoint_dir} was written by an older vidsynth and cannot be resumed; "
+                                    f"use another --out, or --no-resume to start over there")
             if options.architecture and saved["architecture_name"] != options.architecture:
                 raise VidsynthError(f"{self.checkpoint_dir} was trained as {saved['architecture_name']!r}, not "
                                     f"{options.architecture!r}; use another --out or the same architecture")
@@ -461,7 +465,7 @@ class Trainer:
                         "text_optimizer": self.text_optimizer.state_dict(), "ema": self.ema.state_dict()},
                        state / "optimizer.pt")
             (state / "progress.json").write_text(json.dumps({
-                "progress": self.progress, "architecture_name": self.options.architecture or ("tiny" if not self.fine_tuning else None),
+                "format": STATE_FORMAT, "progress": self.progress, "architecture_name": self.options.architecture or ("tiny" if not self.fine_tuning else None),
                 "architecture": asdict(self.arch), "init": self.options.init,
                 "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.options).items()},
             }, indent=2) + "\n")
