@@ -334,9 +334,7 @@ class Trainer:
             posterior = self.vae.encode(frames).latent_dist
             reconstruction = self.vae.decode(posterior.mode()).sample
         loss = F.mse_loss(reconstruction.float(), frames) + 1e-6 * posterior.kl().mean()
-        self.vae_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.vae_optimizer.step()
+        self._step(loss, self.vae_optimizer, list(self.vae.parameters()), max_grad_norm=None)
         return loss
 
     def train_text_encoder(self) -> None:
@@ -354,10 +352,7 @@ class Trainer:
         with self._autocast():
             pooled = self.text_encoder(self._token_ids(captions)).pooler_output
             loss = self.matcher.loss(video, pooled, captions)
-        self.text_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.text_parameters, 1.0)
-        self.text_optimizer.step()
+        self._step(loss, self.text_optimizer, self.text_parameters)
         return loss
 
     def _token_ids(self, captions: list[str]) -> torch.Tensor:
@@ -405,7 +400,7 @@ class Trainer:
         target = self.noise_schedule.get_velocity(latents, noise, t) if self._predicts_velocity else noise
         per_video = F.mse_loss(prediction.float(), target, reduction="none").mean((1, 2, 3, 4))
         loss = (self._loss_weights(t) * per_video).mean()
-        self._step(loss)
+        self._step(loss, self.optimizer, self.parameters)
         self.ema.step(self.parameters)
         return loss
 
@@ -424,20 +419,24 @@ class Trainer:
         weight = snr + 1 if self._predicts_velocity else snr
         return weight.clamp(max=MIN_SNR_GAMMA) / weight
 
-    def _step(self, loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+    def _step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters: list,
+              max_grad_norm: Optional[float] = 1.0) -> None:
+        """Backward and one optimiser step, through the fp16 gradient scaler when there is one."""
+        optimizer.zero_grad(set_to_none=True)
         if self.scaler:
             self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            self.scaler.unscale_(optimizer)
         else:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
-            self.optimizer.step()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
         if not math.isfinite(loss.item()):
-            raise VidsynthError(f"training diverged at step {self.progress['step']} (loss {loss.item()}); "
+            raise VidsynthError(f"training diverged (loss {loss.item()}) at {self.progress}; "
                                 f"lower --lr or use --precision fp32")
 
     # ------------------------------------------------------------------------------------------------ checkpoints
