@@ -98,6 +98,17 @@ def test_bad_datasets_fail_clearly(tmp_path, capsys):
     assert not (tmp_path / "run" / "model").exists()
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch-size", "0", "--batch-size must be 1 or more"), ("--steps", "-3", "--steps must be 0 or more"),
+    ("--text-steps", "-1", "--text-steps must be 0 or more"), ("--lr", "0", "--lr must be positive"),
+    ("--checkpoint-every", "0", "--checkpoint-every must be 1 or more"), ("--workers", "-1", "--workers must be 0"),
+    ("--max-minutes", "-1", "--max-minutes must not be negative")])
+def test_bad_training_settings_fail_clearly(tmp_path, capsys, flag, value, message):
+    assert main(["train", "--out", str(tmp_path / "run"), "--architecture", "micro", flag, value]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     run = tmp_path / "run"
     train(TrainOptions(out=run, steps=2, **MICRO))

@@ -358,8 +358,6 @@ def run_serve(args) -> int:
 
 def run_train(args) -> int:
     from .train import TrainOptions, train
-    if args.workers is not None and args.workers < 0:
-        raise UsageError("--workers must be 0 or more")
     options = TrainOptions(out=Path(args.out), architecture=args.architecture, init=args.init, data=args.data,
                            steps=args.steps, vae_steps=args.vae_steps, text_steps=args.text_steps, batch_size=args.batch_size, lr=args.lr,
                            checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,

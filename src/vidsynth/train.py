@@ -103,6 +103,18 @@ class TrainOptions:
     resume: bool = True
     defaults: dict = field(default_factory=dict)  # sampling defaults stored with the model
 
+    def __post_init__(self):
+        at_least = {"steps": 0, "vae_steps": 0, "text_steps": 0, "workers": 0, "batch_size": 1, "checkpoint_every": 1}
+        for name, minimum in at_least.items():
+            value = getattr(self, name)
+            if value is not None and value < minimum:
+                raise VidsynthError(f"--{name.replace('_', '-')} must be {minimum} or more (got {value})")
+        for name in ("lr", "vae_lr", "text_lr"):
+            if not getattr(self, name) > 0:
+                raise VidsynthError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
+        if self.max_minutes is not None and self.max_minutes < 0:
+            raise VidsynthError(f"--max-minutes must not be negative (got {self.max_minutes})")
+
 
 class CaptionMatcher(torch.nn.Module):
     """The text encoder's training partner: a small video encoder into the text encoder's own output space, where
