@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_name  # noqa: E402
-from versus_diffusers import full_size_components  # noqa: E402
+from versus_diffusers import add_video_arguments, components_for  # noqa: E402
 
 # operator name fragments -> kind; the first match wins
 KINDS = [("convolution", "convolution"), ("matrix product", "addmm"), ("matrix product", "aten::mm"),
@@ -35,23 +35,15 @@ def kind_of(name: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", help="any vidsynth --model reference (default: random full-size weights)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--height", type=int, default=256)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--guidance", type=float, default=9.0)
+    add_video_arguments(parser)
     args = parser.parse_args()
 
     from vidsynth.devices import resolve_device, resolve_dtype
-    from vidsynth.loading import load_components
     from vidsynth.pipeline import Pipeline
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    components = load_components(args.model, dtype=dtype) if args.model else full_size_components(dtype)
-    pipeline = Pipeline(components, device, dtype)
+    pipeline = Pipeline(components_for(args, dtype), device, dtype)
     settings = dict(frames=args.frames, height=args.height, width=args.width, steps=1, guidance=args.guidance,
                     scheduler="ddim", seed=0, progress=False)
     pipeline("profile", **settings)  # warm-up

@@ -110,16 +110,26 @@ def peak_memory_gib(device: torch.device) -> float:
     return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 2**20
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def add_video_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, device and video settings the benchmarks on the full-size configuration share."""
     parser.add_argument("--model", help="any vidsynth --model reference (default: random full-size weights)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=9.0)
+
+
+def components_for(args: argparse.Namespace, dtype: torch.dtype):
+    from vidsynth.loading import load_components
+    return load_components(args.model, dtype=dtype) if args.model else full_size_components(dtype)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    add_video_arguments(parser)
+    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--runs", type=int, default=3, help="timed runs of each pipeline")
     parser.add_argument("--compile", action="store_true", help="vidsynth with --compile (its compile time is in the "
                         "warm-up run)")
@@ -129,14 +139,13 @@ def main() -> None:
     from diffusers import DDIMScheduler, TextToVideoSDPipeline
 
     from vidsynth.devices import dtype_name, resolve_device, resolve_dtype
-    from vidsynth.loading import load_components
     from vidsynth.pipeline import Pipeline
     from vidsynth.schedulers import MODELSCOPE_SCHEDULE
     from vidsynth.video import write_video
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    components = load_components(args.model, dtype=dtype) if args.model else full_size_components(dtype)
+    components = components_for(args, dtype)
     ours = Pipeline(components, device, dtype, compile=args.compile)
     theirs = TextToVideoSDPipeline(vae=components.vae, text_encoder=components.text_encoder,
                                    tokenizer=components.tokenizer, unet=components.unet,
