@@ -236,3 +236,20 @@ def test_the_text_stage_teaches_words_only_the_motion_shows(tmp_path):
     # and the encodings the UNet reads are far apart.
     assert similarity_before > 0.9 and closest_pair() < 0.5
     assert before <= 0.5 and accuracy() >= 0.9
+
+
+def test_fine_tuning_can_start_a_new_text_encoder(tmp_path):
+    base = tmp_path / "base"
+    train(TrainOptions(out=base, steps=1, **MICRO))
+    kept = Trainer(TrainOptions(out=tmp_path / "kept", init=str(base / "model"), steps=0, batch_size=2))
+    new = Trainer(TrainOptions(out=tmp_path / "new", init=str(base / "model"), steps=0, batch_size=2,
+                               new_text_encoder=True))
+    embeddings = lambda trainer: trainer.text_encoder.get_input_embeddings().weight
+    original = vidsynth.loading.load_components(str(base / "model")).text_encoder.get_input_embeddings().weight
+    assert torch.equal(embeddings(kept), original) and not torch.allclose(embeddings(new), original, atol=1e-3)
+    assert kept.options.text_steps == 0 and new.options.text_steps == 1000
+    assert all(torch.equal(a, b) for a, b in zip(new.unet.state_dict().values(), kept.unet.state_dict().values()))
+    with pytest.raises(VidsynthError, match="needs --text-steps above 0"):
+        TrainOptions(out=tmp_path / "x", init=str(base / "model"), new_text_encoder=True, text_steps=0)
+    with pytest.raises(VidsynthError, match="applies to fine-tuning"):
+        TrainOptions(out=tmp_path / "x", new_text_encoder=True)

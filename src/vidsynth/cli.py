@@ -146,8 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", default="procedural", help="'procedural' (default) or a folder of videos with <name>.txt captions")
     train.add_argument("--steps", type=int, default=4000, help="UNet steps")
     train.add_argument("--vae-steps", type=int, default=1500)
-    train.add_argument("--text-steps", type=int, help="contrastive text-encoder steps (default: 1000 from scratch, "
+    train.add_argument("--text-steps", type=int, help="contrastive text-encoder steps (default: 1000 for a new encoder, "
                        "0 when fine-tuning: the model's text encoder is kept)")
+    train.add_argument("--new-text-encoder", action="store_true", help="fine-tuning: train a fresh text encoder of the "
+                       "same size instead of keeping the model's (for a model that ignores some words)")
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--lr", type=float, default=5e-4)
     train.add_argument("--checkpoint-every", type=int, default=250)
@@ -359,7 +361,8 @@ def run_serve(args) -> int:
 def run_train(args) -> int:
     from .train import TrainOptions, train
     options = TrainOptions(out=Path(args.out), architecture=args.architecture, init=args.init, data=args.data,
-                           steps=args.steps, vae_steps=args.vae_steps, text_steps=args.text_steps, batch_size=args.batch_size, lr=args.lr,
+                           steps=args.steps, vae_steps=args.vae_steps, text_steps=args.text_steps,
+                           new_text_encoder=args.new_text_encoder, batch_size=args.batch_size, lr=args.lr,
                            checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
                            precision=args.precision, device=args.device, workers=args.workers, seed=args.seed,
                            resume=args.resume)

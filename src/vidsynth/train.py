@@ -87,7 +87,8 @@ class TrainOptions:
     data: str = "procedural"  # or a folder of videos with captions
     steps: int = 4000  # UNet steps
     vae_steps: int = 1500
-    text_steps: Optional[int] = None  # contrastive text-encoder steps; default 1000 from scratch, none when fine-tuning
+    text_steps: Optional[int] = None  # contrastive text-encoder steps; default 1000 for a new encoder, none when fine-tuning
+    new_text_encoder: bool = False  # fine-tuning: replace the model's text encoder by a fresh one of the same size
     batch_size: int = 8
     lr: float = 5e-4
     vae_lr: float = 1e-3
@@ -114,6 +115,10 @@ class TrainOptions:
                 raise VidsynthError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
         if self.max_minutes is not None and self.max_minutes < 0:
             raise VidsynthError(f"--max-minutes must not be negative (got {self.max_minutes})")
+        if self.new_text_encoder and not self.init:
+            raise VidsynthError("--new-text-encoder applies to fine-tuning (--init); from scratch every encoder is new")
+        if self.new_text_encoder and self.text_steps == 0:
+            raise VidsynthError("--new-text-encoder needs --text-steps above 0: an untrained encoder reads no words")
 
 
 class CaptionMatcher(torch.nn.Module):
@@ -196,7 +201,7 @@ class Trainer:
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(self.device)
         if options.text_steps is None:
-            options.text_steps = 0 if self.fine_tuning else 1000
+            options.text_steps = 0 if self.fine_tuning and not options.new_text_encoder else 1000
         # The UNet stage trains the UNet alone, as ModelScope's sits on a frozen CLIP text encoder: trained along
         # with a UNet from scratch, a text encoder only sharpens the words that UNet already uses (colours), and
         # leaves the rest (directions) as faint as at initialisation, which the UNet then never learns to read.
@@ -257,6 +262,9 @@ class Trainer:
             if options.architecture and not _same_architecture(components, requested):
                 raise VidsynthError(f"--init model {options.init} does not have the {options.architecture!r} "
                                     f"architecture ({architecture_of(components)}); drop --architecture to fine-tune it as it is")
+            if options.new_text_encoder:
+                # For a model whose encoder lost words: retraining that encoder separates them less than a new one.
+                components.text_encoder = CLIPTextModel(components.text_encoder.config)
             defaults = components.defaults
             arch = Architecture(frames=defaults.frames, size=defaults.height, vae_channels=tuple(components.vae.config.block_out_channels),
                                 **{k: tuple(v) if isinstance(v, list) else v for k, v in architecture_of(components).items()
