@@ -21,9 +21,10 @@ def test_shipped_model_is_small_and_complete():
 
 def test_generate_without_model_uses_the_shipped_model(tmp_path):
     done = subprocess.run([sys.executable, "-m", "vidsynth.cli", "generate",
-                           "a yellow square moving right on a black background", "--seed", "1", "-o", "clip.mp4"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                           "a yellow square moving right on a black background", "--seed", "1", "-o", "clip.mp4",
+                           "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)[0]["path"] == "clip.mp4"  # printed in full before the process's quick exit
     with av.open(str(tmp_path / "clip.mp4")) as container:
         stream = container.streams.video[0]
         assert (stream.frames, stream.width, stream.height, float(stream.average_rate)) == (16, 64, 64, 8)
