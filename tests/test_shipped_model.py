@@ -33,7 +33,7 @@ def test_generate_without_model_uses_the_shipped_model(tmp_path):
 
 def test_shipped_model_draws_the_asked_colour_shape_and_background():
     """Held-out captions (never seen in training), at the shipped settings. Thresholds sit below what its model card
-    measures on 150 videos (colour 100 %, shape 63-65 %, background 100 %) so that bfloat16 CPUs pass too; the
+    measures on 150 videos (colour 100 %, shape 59-67 %, background 100 %) so that bfloat16 CPUs pass too; the
     direction of motion is not yet followed (the card's figures), so it is not held here."""
     pipeline = vidsynth.load(SHIPPED_MODEL)
     summary = evaluate(pipeline, default_specs(16), seeds=2)
