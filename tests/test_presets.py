@@ -62,7 +62,7 @@ def test_approximations_stay_close_to_the_default(shipped_pipeline):
     """Stated tolerances on the shipped model (8 DDIM steps by default), against the default sampling, same seed:
     guidance on half the steps stays within 25 dB PSNR (measured 31-38); deep-feature reuse every 2 steps draws
     the same colour on the same background (its PSNR, 20-31 dB, is that of another seed, so it is not held). `fast`
-    (4 DPM-Solver++ steps on this model) keeps only the background: it loses the colour (BENCHMARKS.md)."""
+    (3 DPM-Solver++ steps on this model) keeps only the background: it loses the colour (BENCHMARKS.md)."""
     prompt = "a red circle moving left on a black background"
     reference = shipped_pipeline(prompt, seed=2, progress=False).frames
     expected = analyse(reference)
