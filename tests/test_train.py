@@ -253,3 +253,19 @@ def test_fine_tuning_can_start_a_new_text_encoder(tmp_path):
         TrainOptions(out=tmp_path / "x", init=str(base / "model"), new_text_encoder=True, text_steps=0)
     with pytest.raises(VidsynthError, match="applies to fine-tuning"):
         TrainOptions(out=tmp_path / "x", new_text_encoder=True)
+
+
+def test_ctrl_c_during_training_keeps_a_checkpoint_to_resume_from(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    unet_step = Trainer._unet_step
+
+    def interrupted_at_step_two(self):
+        if self.progress["step"] == 1:
+            raise KeyboardInterrupt
+        return unet_step(self)
+    monkeypatch.setattr(Trainer, "_unet_step", interrupted_at_step_two)
+    code = main(["train", "--out", str(run), "--architecture", "micro", "--steps", "5", "--vae-steps", "1",
+                 "--text-steps", "1", "--batch-size", "2", "--checkpoint-every", "100"])
+    assert code == 130
+    assert "run the same command to resume" in capsys.readouterr().err
+    assert progress_of(run)["step"] == 1

@@ -380,14 +380,20 @@ def run_serve(args) -> int:
 
 
 def run_train(args) -> int:
-    from .train import TrainOptions, train
+    from .train import CHECKPOINT, TrainOptions, train
     options = TrainOptions(out=Path(args.out), architecture=args.architecture, init=args.init, data=args.data,
                            steps=args.steps, vae_steps=args.vae_steps, text_steps=args.text_steps,
                            new_text_encoder=args.new_text_encoder, batch_size=args.batch_size, lr=args.lr,
                            checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
                            precision=args.precision, device=args.device, workers=args.workers, seed=args.seed,
                            resume=args.resume)
-    path = train(options)
+    try:
+        path = train(options)
+    except KeyboardInterrupt:
+        checkpoint = Path(args.out) / CHECKPOINT
+        if not checkpoint.is_dir():
+            raise
+        return _fail(f"interrupted; {checkpoint} holds the training so far: run the same command to resume", 130)
     print(f"model written to {path} (use it with --model {path})", file=sys.stderr)
     return 0
 
