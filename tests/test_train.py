@@ -11,7 +11,8 @@ import vidsynth
 from vidsynth.cli import main
 from vidsynth.data import ClipSpec, render
 from vidsynth.errors import VidsynthError
-from vidsynth.train import ARCHITECTURES, Trainer, TrainOptions, architecture_of, build_components, train
+from vidsynth.train import (ARCHITECTURES, Trainer, TrainOptions, architecture_of, build_components,
+                            sample_timesteps, train)
 from vidsynth.video import write_video
 
 MICRO = dict(architecture="micro", batch_size=2, checkpoint_every=2, vae_steps=2, text_steps=2, lr=1e-3)
@@ -102,7 +103,8 @@ def test_bad_datasets_fail_clearly(tmp_path, capsys):
     ("--batch-size", "0", "--batch-size must be 1 or more"), ("--steps", "-3", "--steps must be 0 or more"),
     ("--text-steps", "-1", "--text-steps must be 0 or more"), ("--lr", "0", "--lr must be positive"),
     ("--checkpoint-every", "0", "--checkpoint-every must be 1 or more"), ("--workers", "-1", "--workers must be 0"),
-    ("--max-minutes", "-1", "--max-minutes must not be negative")])
+    ("--max-minutes", "-1", "--max-minutes must not be negative"),
+    ("--timestep-shift", "0", "--timestep-shift must be positive")])
 def test_bad_training_settings_fail_clearly(tmp_path, capsys, flag, value, message):
     assert main(["train", "--out", str(tmp_path / "run"), "--architecture", "micro", flag, value]) == 1
     assert message in capsys.readouterr().err
@@ -151,6 +153,22 @@ def test_min_snr_weights_favour_the_noisy_steps(tmp_path, tiny_model_dir):
     epsilon = fine_tuning._loss_weights(steps)
     assert epsilon[0] == epsilon[1] == 1.0
     assert 0 < epsilon[3] < epsilon[2] < 1.0
+
+
+def test_timestep_shift_moves_training_towards_pure_noise(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    uniform, shifted = sample_timesteps(40000, 1000, 1.0), sample_timesteps(40000, 1000, 4.0)
+    assert uniform.min() == shifted.min() == 0 and uniform.max() == shifted.max() == 999
+    assert abs((uniform >= 900).float().mean() - 0.10) < 0.01
+    assert abs((shifted >= 900).float().mean() - (1 - 0.9 / (4 - 3 * 0.9))) < 0.01  # u > 0.9 / (4 - 3 * 0.9)
+    assert abs((shifted < 100).float().mean() - 0.1 / (4 - 3 * 0.1)) < 0.01
+
+    trainer = Trainer(TrainOptions(out=tmp_path / "run", steps=3, timestep_shift=1e6, **{**MICRO, "text_steps": 0}))
+    seen = []
+    original = trainer.noise_schedule.add_noise
+    monkeypatch.setattr(trainer.noise_schedule, "add_noise", lambda x, n, t: seen.append(t) or original(x, n, t))
+    trainer.train_unet()
+    assert len(seen) == 3 and min(int(t.min()) for t in seen) >= 990  # the training loop samples with the shift
 
 
 def test_the_autoencoder_sees_frames_of_distinct_clips(tmp_path, monkeypatch):

@@ -95,6 +95,7 @@ class TrainOptions:
     text_lr: float = 1e-3
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
+    timestep_shift: float = 1.0  # above 1: train more on the noisy steps (`sample_timesteps`)
     checkpoint_every: int = 250
     max_minutes: Optional[float] = None
     workers: Optional[int] = None  # processes drawing clips; default: several on CUDA, none on the CPU
@@ -110,7 +111,7 @@ class TrainOptions:
             value = getattr(self, name)
             if value is not None and value < minimum:
                 raise VidsynthError(f"--{name.replace('_', '-')} must be {minimum} or more (got {value})")
-        for name in ("lr", "vae_lr", "text_lr"):
+        for name in ("lr", "vae_lr", "text_lr", "timestep_shift"):
             if not getattr(self, name) > 0:
                 raise VidsynthError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
         if self.max_minutes is not None and self.max_minutes < 0:
@@ -119,6 +120,17 @@ class TrainOptions:
             raise VidsynthError("--new-text-encoder applies to fine-tuning (--init); from scratch every encoder is new")
         if self.new_text_encoder and self.text_steps == 0:
             raise VidsynthError("--new-text-encoder needs --text-steps above 0: an untrained encoder reads no words")
+
+
+def sample_timesteps(count: int, total: int, shift: float, device=None) -> torch.Tensor:
+    """Training timesteps: uniform for shift 1; above 1, u -> shift u / (1 + (shift - 1) u) moves them towards pure
+    noise (the time shift of Esser et al. 2024). Layout and motion are decided from nearly pure noise, where only the
+    caption says where a shape is and which way it goes: the tiny UNet began to draw a direction word's layout from
+    pure noise only after some 2,700 clips at that noise level, and uniform steps put just 10 % of clips in the
+    noisiest tenth (shift 4: 31 %)."""
+    u = torch.rand(count, device=device)
+    shifted = shift * u / (1 + (shift - 1) * u)
+    return (shifted * total).long().clamp(max=total - 1)
 
 
 class CaptionMatcher(torch.nn.Module):
@@ -409,7 +421,8 @@ class Trainer:
     def _unet_step(self) -> torch.Tensor:
         latents, captions = self._encode(*self._batch())
         noise = torch.randn_like(latents)
-        t = torch.randint(0, self.noise_schedule.config.num_train_timesteps, (len(latents),), device=self.device)
+        t = sample_timesteps(len(latents), self.noise_schedule.config.num_train_timesteps, self.options.timestep_shift,
+                             self.device)
         noisy = self.noise_schedule.add_noise(latents, noise, t)
         warmup = min(1.0, (self.progress["step"] + 1) / 100)
         for group in self.optimizer.param_groups:
