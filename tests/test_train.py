@@ -104,7 +104,7 @@ def test_bad_datasets_fail_clearly(tmp_path, capsys):
     ("--text-steps", "-1", "--text-steps must be 0 or more"), ("--lr", "0", "--lr must be positive"),
     ("--checkpoint-every", "0", "--checkpoint-every must be 1 or more"), ("--workers", "-1", "--workers must be 0"),
     ("--max-minutes", "-1", "--max-minutes must not be negative"),
-    ("--timestep-shift", "0", "--timestep-shift must be positive")])
+    ("--pure-noise-fraction", "1.5", "--pure-noise-fraction must be between 0 and 1")])
 def test_bad_training_settings_fail_clearly(tmp_path, capsys, flag, value, message):
     assert main(["train", "--out", str(tmp_path / "run"), "--architecture", "micro", flag, value]) == 1
     assert message in capsys.readouterr().err
@@ -155,20 +155,21 @@ def test_min_snr_weights_favour_the_noisy_steps(tmp_path, tiny_model_dir):
     assert 0 < epsilon[3] < epsilon[2] < 1.0
 
 
-def test_timestep_shift_moves_training_towards_pure_noise(tmp_path, monkeypatch):
+def test_a_share_of_training_steps_is_pure_noise(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    uniform, shifted = sample_timesteps(40000, 1000, 1.0), sample_timesteps(40000, 1000, 4.0)
-    assert uniform.min() == shifted.min() == 0 and uniform.max() == shifted.max() == 999
-    assert abs((uniform >= 900).float().mean() - 0.10) < 0.01
-    assert abs((shifted >= 900).float().mean() - (1 - 0.9 / (4 - 3 * 0.9))) < 0.01  # u > 0.9 / (4 - 3 * 0.9)
-    assert abs((shifted < 100).float().mean() - 0.1 / (4 - 3 * 0.1)) < 0.01
+    uniform, mixed = sample_timesteps(40000, 1000, 0.0), sample_timesteps(40000, 1000, 0.25)
+    assert uniform.min() == mixed.min() == 0 and uniform.max() == mixed.max() == 999
+    assert (uniform == 999).float().mean() < 0.002
+    assert abs((mixed == 999).float().mean() - 0.25) < 0.01
+    assert abs((mixed < 500).float().mean() - 0.75 / 2) < 0.01  # the rest stays uniform
 
-    trainer = Trainer(TrainOptions(out=tmp_path / "run", steps=3, timestep_shift=1e6, **{**MICRO, "text_steps": 0}))
+    trainer = Trainer(TrainOptions(out=tmp_path / "run", steps=3, pure_noise_fraction=1.0,
+                                   **{**MICRO, "text_steps": 0}))
     seen = []
     original = trainer.noise_schedule.add_noise
     monkeypatch.setattr(trainer.noise_schedule, "add_noise", lambda x, n, t: seen.append(t) or original(x, n, t))
     trainer.train_unet()
-    assert len(seen) == 3 and min(int(t.min()) for t in seen) >= 990  # the training loop samples with the shift
+    assert len(seen) == 3 and all((t == 999).all() for t in seen)  # the training loop uses the option
 
 
 def test_the_autoencoder_sees_frames_of_distinct_clips(tmp_path, monkeypatch):

@@ -173,9 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "same size instead of keeping the model's (for a model that ignores some words)")
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--lr", type=float, default=5e-4)
-    train.add_argument("--timestep-shift", type=float, default=1.0,
-                       help="above 1, train more on the noisiest steps, where layout and motion are decided (default 1: "
-                            "uniform)")
+    train.add_argument("--pure-noise-fraction", type=float, default=0.0,
+                       help="share of UNet clips trained at the pure-noise step, where only the caption sets layout and "
+                            "motion (default 0: uniform steps)")
     train.add_argument("--checkpoint-every", type=int, default=250)
     train.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this long")
     train.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
@@ -387,7 +387,7 @@ def run_train(args) -> int:
     options = TrainOptions(out=Path(args.out), architecture=args.architecture, init=args.init, data=args.data,
                            steps=args.steps, vae_steps=args.vae_steps, text_steps=args.text_steps,
                            new_text_encoder=args.new_text_encoder, batch_size=args.batch_size, lr=args.lr,
-                           timestep_shift=args.timestep_shift,
+                           pure_noise_fraction=args.pure_noise_fraction,
                            checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
                            precision=args.precision, device=args.device, workers=args.workers, seed=args.seed,
                            resume=args.resume)
