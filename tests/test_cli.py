@@ -5,12 +5,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 
-from vidsynth.cli import main
+from vidsynth import Event
+from vidsynth.cli import StopOnInterrupt, main
 
 SMALL = ["--frames", "3", "--height", "32", "--width", "32", "--steps", "2"]
 
@@ -89,16 +91,37 @@ def test_ctrl_c_exits_130_and_leaves_no_file(tiny_model_dir, tmp_path):
         [sys.executable, "-m", "vidsynth.cli", "generate", "a red circle", "--model", str(tiny_model_dir),
          "--frames", "8", "--height", "64", "--width", "64", "--steps", "500", "-o", "clip.mp4"],
         cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-    output = ""
+    stderr = []  # read all along, so the bar can never fill the pipe and block the process
+    reader = threading.Thread(target=lambda: stderr.extend(iter(lambda: process.stderr.read(1), "")), daemon=True)
+    reader.start()
     deadline = time.monotonic() + 120
-    while "step" not in output and time.monotonic() < deadline:  # wait for the progress bar to start
-        output += process.stderr.read(1)
+    while "step" not in "".join(stderr) and time.monotonic() < deadline:  # wait for the progress bar to start
+        time.sleep(0.05)
     process.send_signal(signal.SIGINT)
-    code = process.wait(timeout=60)
-    rest = process.stderr.read()
-    assert code == 130, rest
-    assert "interrupted" in rest
+    try:
+        code = process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"still running 60 s after Ctrl-C; its stderr: {''.join(stderr)[-2000:]}")
+    reader.join(10)
+    assert code == 130, "".join(stderr)
+    assert "interrupted" in "".join(stderr)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupt_that_something_swallowed_stops_at_the_next_step():
+    seen = []
+    with StopOnInterrupt(seen.append) as callback:
+        callback(Event("denoise", 1, 3))
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler raises here, at once
+        except KeyboardInterrupt:
+            pass  # as a finaliser or a library's cleanup might
+        with pytest.raises(KeyboardInterrupt):
+            callback(Event("denoise", 2, 3))
+    assert seen == [Event("denoise", 1, 3)]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
 def test_convert_modelscope_layout_gives_the_same_video(modelscope_reference, tmp_path):
