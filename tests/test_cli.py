@@ -11,8 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from vidsynth import Event
-from vidsynth.cli import StopOnInterrupt, main
+from vidsynth.cli import main
 
 SMALL = ["--frames", "3", "--height", "32", "--width", "32", "--steps", "2"]
 
@@ -90,7 +89,10 @@ def test_ctrl_c_exits_130_and_leaves_no_file(tiny_model_dir, tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "vidsynth.cli", "generate", "a red circle", "--model", str(tiny_model_dir),
          "--frames", "8", "--height", "64", "--width", "64", "--steps", "500", "-o", "clip.mp4"],
-        cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+        # A shell starts background jobs with SIGINT ignored, and children inherit that: undo it, as a terminal's
+        # foreground process has it, or this test would wait on a process that never hears the Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     stderr = []  # read all along, so the bar can never fill the pipe and block the process
     reader = threading.Thread(target=lambda: stderr.extend(iter(lambda: process.stderr.read(1), "")), daemon=True)
     reader.start()
@@ -107,21 +109,6 @@ def test_ctrl_c_exits_130_and_leaves_no_file(tiny_model_dir, tmp_path):
     assert code == 130, "".join(stderr)
     assert "interrupted" in "".join(stderr)
     assert list(tmp_path.iterdir()) == []
-
-
-def test_an_interrupt_that_something_swallowed_stops_at_the_next_step():
-    seen = []
-    with StopOnInterrupt(seen.append) as callback:
-        callback(Event("denoise", 1, 3))
-        try:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)  # the handler raises here, at once
-        except KeyboardInterrupt:
-            pass  # as a finaliser or a library's cleanup might
-        with pytest.raises(KeyboardInterrupt):
-            callback(Event("denoise", 2, 3))
-    assert seen == [Event("denoise", 1, 3)]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
 def test_convert_modelscope_layout_gives_the_same_video(modelscope_reference, tmp_path):

@@ -7,9 +7,7 @@ import json
 import logging
 import os
 import re
-import signal
 import sys
-import threading
 import warnings
 from pathlib import Path
 
@@ -68,40 +66,6 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         return _fail("interrupted; nothing was written", 130)
-
-
-class StopOnInterrupt:
-    """A generation callback that stops at Ctrl-C even when Python's KeyboardInterrupt is lost.
-
-    Python raises the interrupt wherever the main thread happens to be, which may be code that swallows it (a
-    finaliser, a library's cleanup); the generation would then run on. So the interrupt is also raised again from
-    the next progress event, which the denoising loop sends every step.
-    """
-
-    def __init__(self, callback):
-        self.callback = callback
-        self.interrupted = False
-        self.installed = False
-        self.previous_handler = None
-
-    def __enter__(self) -> "StopOnInterrupt":
-        if threading.current_thread() is threading.main_thread():  # only the main thread may set signal handlers
-            self.previous_handler = signal.signal(signal.SIGINT, self._on_interrupt)
-            self.installed = True
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.installed:
-            signal.signal(signal.SIGINT, self.previous_handler)
-
-    def _on_interrupt(self, signum, frame):
-        self.interrupted = True
-        raise KeyboardInterrupt
-
-    def __call__(self, event) -> None:
-        if self.interrupted:
-            raise KeyboardInterrupt
-        self.callback(event)
 
 
 def _fail(message: str, code: int) -> int:
@@ -294,8 +258,8 @@ def run_generate(args) -> int:
             check_output_path(path)
     _status(f"loading {model or 'the shipped model'}...", args)
     pipeline = load(model, **_runtime(args))
-    with ProgressBar(disable=args.json) as bar, StopOnInterrupt(bar) as callback:
-        videos = pipeline.generate(request, callback)
+    with ProgressBar(disable=args.json) as bar:
+        videos = pipeline.generate(request, bar)
     results = []
     for video, path in zip(videos, output_paths(args.output, videos)):
         written = video.save(path)
@@ -390,8 +354,8 @@ def run_eval(args) -> int:
         raise UsageError("--prompts and --seeds must be at least 1")
     settings = {k: getattr(args, k) for k in ("steps", "guidance", "scheduler", "preset") if getattr(args, k) is not None}
     pipeline = load(args.model, **_runtime(args))
-    with ProgressBar() as bar, StopOnInterrupt(bar) as callback:
-        summary = evaluate(pipeline, default_specs(args.prompts), args.seeds, callback=callback, **settings)
+    with ProgressBar() as bar:
+        summary = evaluate(pipeline, default_specs(args.prompts), args.seeds, callback=bar, **settings)
     print(f"model {pipeline.name}, {args.prompts} held-out captions x {args.seeds} seeds")
     print(format_table(summary))
     if args.json_path:
