@@ -1,7 +1,8 @@
-"""Fast paths that must not change the result: the prompt's keys and values once per video, convolution weights
-packed for oneDNN, the compiled UNet."""
+"""Fast paths that must not change the result: the prompt's keys and values once per video, temporal convolutions
+as 2-D ones, the compiled UNet."""
 
 import os
+import unittest.mock
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from diffusers.models.attention_processor import Attention
 import vidsynth
 from conftest import randomize, tiny_unet
 from vidsynth.attention import text_attention_per_video
-from vidsynth.convolution import PackedConvolution, packed_convolutions
+from vidsynth.convolution import TemporalConvAs2d, temporal_convs_as_2d
 
 
 def test_text_attention_per_video_gives_the_plain_result_with_one_projection_per_video():
@@ -35,31 +36,26 @@ def test_text_attention_per_video_gives_the_plain_result_with_one_projection_per
     assert torch.allclose(shared, plain, atol=1e-5), (shared - plain).abs().max()
 
 
-def test_packed_convolutions_give_the_plain_result_and_leave_no_trace():
+def test_temporal_convolutions_as_2d_give_the_plain_result():
     unet = randomize(tiny_unet(), 6)
     sample, context = torch.randn(2, 4, 5, 16, 16), torch.randn(2, 77, 32)
-    convolutions = [m for m in unet.modules() if type(m) in (torch.nn.Conv2d, torch.nn.Conv3d)]
-    assert any(m.kernel_size == (3, 1, 1) for m in convolutions)  # the temporal ones are among them
-    packed_inputs = []
+    temporal = [m for m in unet.modules() if type(m) is torch.nn.Conv3d]
+    assert temporal and all(m.kernel_size == (3, 1, 1) for m in temporal)
     with torch.no_grad():
         plain = unet(sample, torch.tensor(300), encoder_hidden_states=context).sample
-        with packed_convolutions(unet):
-            hooks = [m.register_forward_hook(lambda m, args, out: packed_inputs.append(m.packed_for == args[0].shape))
-                     for m in convolutions]
-            packed = unet(sample, torch.tensor(300), encoder_hidden_states=context).sample
-            again = unet(sample, torch.tensor(300), encoder_hidden_states=context).sample  # packed weights reused
-            for hook in hooks:
-                hook.remove()
-    assert len(packed_inputs) == 2 * len(convolutions) and all(packed_inputs)  # every layer ran packed, both times
-    assert all(type(m) in (torch.nn.Conv2d, torch.nn.Conv3d) and "packed_weight" not in vars(m) for m in convolutions)
-    assert torch.allclose(packed, plain, atol=1e-5), (packed - plain).abs().max()
-    assert torch.equal(again, packed)
+        calls = []
+        conv2d = torch.nn.functional.conv2d
+        with temporal_convs_as_2d(unet):
+            assert all(type(m) is TemporalConvAs2d for m in temporal)
+            def counting(input, weight, *args, **kwargs):
+                calls.append(tuple(weight.shape[-2:]))
+                return conv2d(input, weight, *args, **kwargs)
 
-
-def test_convolutions_are_left_alone_where_onednn_cannot_pack_them():
-    unet = tiny_unet().to(torch.float16)
-    with packed_convolutions(unet):
-        assert not any(isinstance(m, PackedConvolution) for m in unet.modules())
+            with unittest.mock.patch("torch.nn.functional.conv2d", counting):
+                swapped = unet(sample, torch.tensor(300), encoder_hidden_states=context).sample
+    assert calls.count((3, 1)) == len(temporal)  # each swapped layer really ran as a 2-D convolution
+    assert all(type(m) is torch.nn.Conv3d for m in temporal)  # restored after the block
+    assert torch.allclose(swapped, plain, atol=1e-5), (swapped - plain).abs().max()
 
 
 def test_compiled_unet_gives_the_plain_frames_and_compiles_once_per_shape(tiny_model_dir, tiny_pipeline, monkeypatch):

@@ -18,7 +18,7 @@ from diffusers.models import Transformer2DModel, TransformerTemporalModel
 from . import __version__
 from .attention import text_attention_per_video
 from .caching import DeepFeatureCache
-from .convolution import packed_convolutions
+from .convolution import temporal_convs_as_2d
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import NumericalError, RequestError
 from .events import Callback, Event, emit
@@ -190,9 +190,9 @@ class Pipeline:
         both = torch.cat([negative, positive])
         # Latents stay float32 between steps so half-precision models do not accumulate rounding in the sampler.
         latents = latents.to(self.device) * scheduler.init_noise_sigma
-        pack = self.device.type == "cpu" and self.compiled_unet is None  # a compiled UNet has inductor pack them
+        on_cpu = self.device.type == "cpu"
         with (self._using(self.components.unet), text_attention_per_video(self.components.unet, latents.shape[2]),
-              packed_convolutions(self.components.unet) if pack else contextlib.nullcontext()):
+              temporal_convs_as_2d(self.components.unet) if on_cpu else contextlib.nullcontext()):
             for step, t in enumerate(scheduler.timesteps):
                 if self.compiled_unet is not None and self.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed
