@@ -1,0 +1,64 @@
+"""How fast this CPU runs the UNet's own matrix products and convolutions, in float32 GFLOP/s.
+
+The ms-1.7b UNet's layers at the default video (16 frames, 32x32 latents, batch 2 for guidance), each run alone
+through the same PyTorch calls the pipeline makes, next to one large square matrix product. What a whole guided
+step achieves (its FLOPs over its time, from versus_diffusers.py) can be read against these rates.
+
+    python benchmarks/cpu_kernels.py
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_name  # noqa: E402
+
+FRAMES, BATCH = 16, 2
+LEVELS = ((320, 32), (640, 16), (1280, 8), (1280, 4))  # channels, latent side at each UNet level
+
+
+def seconds(run, repeats: int = 3) -> float:
+    run()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    return (time.perf_counter() - start) / repeats
+
+
+def cases():
+    square = torch.randn(4096, 4096)
+    yield "matrix product 4096 x 4096 x 4096", 2 * 4096 ** 3, lambda: square @ square
+    for channels, side in LEVELS:
+        tokens = BATCH * FRAMES * side * side
+        x = torch.randn(tokens, channels)
+        for out in (channels, 8 * channels):  # attention projections; the feed-forward's GEGLU projection
+            w = torch.randn(out, channels)
+            yield f"linear {tokens} x {channels} -> {out}", 2 * tokens * channels * out, lambda x=x, w=w: F.linear(x, w)
+        images = torch.randn(BATCH * FRAMES, channels, side, side)
+        kernel = torch.randn(channels, channels, 3, 3)
+        yield (f"3x3 convolution, {channels} channels, {side}x{side}", 2 * images.numel() * channels * 9,
+               lambda i=images, k=kernel: F.conv2d(i, k, padding=1))
+        # the temporal (3, 1, 1) convolution as vidsynth runs it on the CPU: a (3, 1) 2-D convolution over frames
+        video = torch.randn(BATCH, channels, FRAMES, side * side)
+        kernel = torch.randn(channels, channels, 3, 1)
+        yield (f"temporal convolution, {channels} channels, {side}x{side}", 2 * video.numel() * channels * 3,
+               lambda v=video, k=kernel: F.conv2d(v, k, padding=(1, 0)))
+
+
+def main() -> None:
+    print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, float32, {date.today()}\n")
+    print("| operation (the UNet's shapes at 16x256x256, batch 2) | GFLOP/s |\n|---|---|")
+    with torch.inference_mode():
+        for name, flops, run in cases():
+            print(f"| {name} | {flops / seconds(run) / 1e9:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
