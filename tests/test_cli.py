@@ -1,7 +1,6 @@
 """The vidsynth command: real processes for the paths that matter (exit codes, signals), in-process for bad input."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -181,7 +181,7 @@ def build_components(arch: Architecture) -> Components:
         max_position_embeddings=77, hidden_act="gelu", projection_dim=arch.text_width, pad_token_id=0,
         bos_token_id=49406, eos_token_id=49407))
     # 8 DDIM steps: on v-prediction with trailing timesteps the shipped model's first version, trained from scratch
-    # this way, scored the same at 8 steps as at 10 and 20 and lost some at 6 (BENCHMARKS.md).
+    # this way, scored the same at 8 steps as at 10 and lost some at 6 (BENCHMARKS.md).
     defaults = ModelDefaults(frames=arch.frames, height=arch.size, width=arch.size, steps=8, guidance=4.0, fps=8)
     return Components(tokenizer=openclip_tokenizer(), text_encoder=text_encoder, unet=unet, vae=vae, schedule=SCRATCH_SCHEDULE,
                       defaults=defaults, name="scratch")
