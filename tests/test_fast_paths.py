@@ -1,7 +1,9 @@
 """Fast paths that must not change the result: the prompt's keys and values once per video, temporal convolutions
-as 2-D ones, the compiled UNet."""
+as 2-D ones, the compiled UNet; and freed memory reused while generating on the CPU."""
 
 import os
+import platform
+import resource
 import unittest.mock
 
 import numpy as np
@@ -13,6 +15,7 @@ import vidsynth
 from conftest import randomize, tiny_unet
 from vidsynth.attention import text_attention_per_video
 from vidsynth.convolution import TemporalConvAs2d, temporal_convs_as_2d
+from vidsynth.cpu_memory import freed_memory_reused
 
 
 def test_text_attention_per_video_gives_the_plain_result_with_one_projection_per_video():
@@ -96,3 +99,49 @@ def test_inductor_compiled_unet_with_frozen_weights_gives_the_plain_frames(tiny_
     made = compiled("a red circle", **settings).frames
     plain = tiny_pipeline("a red circle", **settings).frames
     assert np.abs(made.astype(int) - plain).max() <= 1
+
+
+glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                                reason="memory reuse is set through glibc's mallopt")
+BLOCK = 256 * 2**20
+
+
+def resident_bytes() -> int:
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def faults_while(work) -> int:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    work()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def fill_and_free(times: int = 1) -> None:
+    for _ in range(times):
+        torch.ones(BLOCK // 4)
+
+
+@glibc_only
+def test_freed_memory_is_kept_for_reuse_within_the_block_and_handed_back_after():
+    with freed_memory_reused():
+        fill_and_free(2)  # a freed block is reused once freed neighbours have merged around it, as in a step loop
+        kept = resident_bytes()
+        assert faults_while(fill_and_free) < BLOCK // os.sysconf("SC_PAGE_SIZE") // 100  # no fresh pages: reused
+        assert resident_bytes() - kept < BLOCK // 8
+    after = resident_bytes()
+    assert kept - after > BLOCK * 3 // 4  # the free memory went back to the system on leaving
+    fill_and_free()
+    assert resident_bytes() - after < BLOCK // 8  # and glibc's usual behaviour is back: freed blocks are returned
+
+
+@glibc_only
+def test_generating_on_the_cpu_reuses_freed_memory(tiny_pipeline):
+    faults = []
+
+    def measure(event):
+        if event.phase == "denoise" and event.step == 1:
+            fill_and_free(2)
+            faults.append(faults_while(fill_and_free))
+
+    tiny_pipeline("a red circle", frames=2, height=32, width=32, steps=2, seed=0, callback=measure)
+    assert faults and faults[0] < BLOCK // os.sysconf("SC_PAGE_SIZE") // 100

@@ -19,6 +19,7 @@ from . import __version__
 from .attention import text_attention_per_video
 from .caching import DeepFeatureCache
 from .convolution import temporal_convs_as_2d
+from .cpu_memory import freed_memory_reused
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import NumericalError, RequestError
 from .events import Callback, Event, emit
@@ -137,6 +138,10 @@ class Pipeline:
     def generate(self, request: GenerationRequest, callback: Callback = None) -> list[Video]:
         """Make every video the request asks for. Raise Cancelled (from the callback) to stop."""
         request = self.prepare(request)
+        with freed_memory_reused() if self.device.type == "cpu" else contextlib.nullcontext():
+            return self._generate(request, callback)
+
+    def _generate(self, request: GenerationRequest, callback: Callback) -> list[Video]:
         scale = self.components.vae_scale_factor
         prompts, count = request.prompts, request.total_videos
         emit(callback, Event("encode", 0, 1, 0, count))

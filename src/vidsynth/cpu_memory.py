@@ -1,0 +1,55 @@
+"""Freed memory is reused while a video is generated on the CPU, rather than handed back to the kernel and refaulted.
+
+PyTorch's CPU allocator takes every tensor from the C library's malloc. glibc serves large blocks with a fresh mmap
+and unmaps them on free, so each step's activations arrive as new pages that the kernel must fault in and zero: a
+guided ms-1.7b UNet forward at 8x128x128 makes ~600k page faults and spends ~2 s in the kernel, and writing a fresh
+tensor runs at a fifth of the speed of writing a reused one. Within `freed_memory_reused()` glibc serves every block
+from its heap and keeps freed ones for the next step; on leaving, the free memory goes back to the system and glibc's
+usual settings return. A caching allocator library (jemalloc, tcmalloc) would do the same but needs LD_PRELOAD; this
+needs only glibc's own `mallopt`, so elsewhere (macOS, musl) the block changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import platform
+import threading
+from typing import Optional
+
+# mallopt parameters and glibc's defaults for them (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
+NEVER_TRIM = 2**31 - 1  # mallopt takes an int
+
+_lock = threading.Lock()
+_holders = 0  # generations inside the block: the settings are process-wide, so the last one out restores them
+
+
+def _glibc() -> Optional[ctypes.CDLL]:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL("libc.so.6")
+
+
+@contextlib.contextmanager
+def freed_memory_reused():
+    global _holders
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    with _lock:
+        if _holders == 0:
+            libc.mallopt(M_MMAP_MAX, 0)
+            libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM)
+        _holders += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _holders -= 1
+            if _holders == 0:
+                libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+                libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+                libc.malloc_trim(0)
