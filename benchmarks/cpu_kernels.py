@@ -1,8 +1,10 @@
 """How fast this CPU runs the UNet's own matrix products and convolutions, in float32 GFLOP/s.
 
 The ms-1.7b UNet's layers at the default video (16 frames, 32x32 latents, batch 2 for guidance), each run alone
-through the same PyTorch calls the pipeline makes, next to one large square matrix product. What a whole guided
-step achieves (its FLOPs over its time, from versus_diffusers.py) can be read against these rates.
+through PyTorch's direct kernels (what diffusers' pipeline calls) and, for convolutions, through vidsynth's Winograd
+path, next to one large square matrix product. Winograd rows count the direct convolution's FLOPs, so their rate is
+what a direct kernel would need to match them. What a whole guided step achieves (its FLOPs over its time, from
+versus_diffusers.py) can be read against these rates.
 
     python benchmarks/cpu_kernels.py
 """
@@ -19,6 +21,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_name  # noqa: E402
+from vidsynth.convolution import winograd_conv2d  # noqa: E402
+from vidsynth.cpu_memory import freed_memory_reused  # noqa: E402
 
 FRAMES, BATCH = 16, 2
 LEVELS = ((320, 32), (640, 16), (1280, 8), (1280, 4))  # channels, latent side at each UNet level
@@ -45,17 +49,21 @@ def cases():
         kernel = torch.randn(channels, channels, 3, 3)
         yield (f"3x3 convolution, {channels} channels, {side}x{side}", 2 * images.numel() * channels * 9,
                lambda i=images, k=kernel: F.conv2d(i, k, padding=1))
+        yield (f"3x3 convolution, {channels} channels, {side}x{side}, Winograd (direct-equivalent)",
+               2 * images.numel() * channels * 9, lambda i=images, k=kernel: winograd_conv2d(i, k, None))
         # the temporal (3, 1, 1) convolution as vidsynth runs it on the CPU: a (3, 1) 2-D convolution over frames
         video = torch.randn(BATCH, channels, FRAMES, side * side)
         kernel = torch.randn(channels, channels, 3, 1)
         yield (f"temporal convolution, {channels} channels, {side}x{side}", 2 * video.numel() * channels * 3,
                lambda v=video, k=kernel: F.conv2d(v, k, padding=(1, 0)))
+        yield (f"temporal convolution, {channels} channels, {side}x{side}, Winograd (direct-equivalent)",
+               2 * video.numel() * channels * 3, lambda v=video, k=kernel: winograd_conv2d(v, k, None))
 
 
 def main() -> None:
     print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, float32, {date.today()}\n")
     print("| operation (the UNet's shapes at 16x256x256, batch 2) | GFLOP/s |\n|---|---|")
-    with torch.inference_mode():
+    with torch.inference_mode(), freed_memory_reused():  # as the pipeline runs them
         for name, flops, run in cases():
             print(f"| {name} | {flops / seconds(run) / 1e9:.0f} |", flush=True)
 

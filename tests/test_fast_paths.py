@@ -1,5 +1,5 @@
-"""Fast paths that must not change the result: the prompt's keys and values once per video, temporal convolutions
-as 2-D ones, the compiled UNet; and freed memory reused while generating on the CPU."""
+"""Fast paths that must not change the result beyond rounding: the prompt's keys and values once per video, Winograd
+convolutions on the CPU, the compiled UNet; and freed memory reused while generating on the CPU."""
 
 import os
 import platform
@@ -14,7 +14,8 @@ from diffusers.models.attention_processor import Attention
 import vidsynth
 from conftest import randomize, tiny_unet
 from vidsynth.attention import text_attention_per_video
-from vidsynth.convolution import TemporalConvAs2d, temporal_convs_as_2d
+from vidsynth import convolution
+from vidsynth.convolution import Winograd3x3, WinogradTemporal, winograd_conv2d, winograd_convolutions
 from vidsynth.cpu_memory import freed_memory_reused
 
 
@@ -39,26 +40,55 @@ def test_text_attention_per_video_gives_the_plain_result_with_one_projection_per
     assert torch.allclose(shared, plain, atol=1e-5), (shared - plain).abs().max()
 
 
-def test_temporal_convolutions_as_2d_give_the_plain_result():
+@pytest.mark.parametrize("input_shape, kernel", [
+    ((2, 8, 12, 16), (5, 8, 3, 3)),  # whole 4x4 tiles
+    ((1, 3, 10, 7), (6, 3, 3, 3)),  # partial tiles at the edges
+    ((1, 4, 1, 1), (4, 4, 3, 3)),  # smaller than a tile
+    ((2, 8, 5, 9), (4, 8, 3, 1)),  # temporal: 3 taps over frames, none over pixels
+])
+def test_winograd_convolution_gives_conv2d_results(input_shape, kernel):
+    generator = torch.Generator().manual_seed(0)
+    input, weight = torch.randn(input_shape, generator=generator), torch.randn(kernel, generator=generator)
+    for bias in (torch.randn(kernel[0], generator=generator), None):
+        direct = torch.nn.functional.conv2d(input, weight, bias, padding=(kernel[2] // 2, kernel[3] // 2))
+        winograd = winograd_conv2d(input, weight, bias)
+        assert winograd.shape == direct.shape
+        assert torch.allclose(winograd, direct, rtol=0, atol=1e-5 * direct.abs().max()), (winograd - direct).abs().max()
+
+
+def test_winograd_convolutions_give_the_plain_unet_result():
     unet = randomize(tiny_unet(), 6)
     sample, context = torch.randn(2, 4, 5, 16, 16), torch.randn(2, 77, 32)
+    spatial = [m for m in unet.modules() if type(m) is torch.nn.Conv2d and m.kernel_size == (3, 3)
+               and m.stride == (1, 1)]
     temporal = [m for m in unet.modules() if type(m) is torch.nn.Conv3d]
-    assert temporal and all(m.kernel_size == (3, 1, 1) for m in temporal)
+    assert spatial and temporal and all(m.kernel_size == (3, 1, 1) for m in temporal)
     with torch.no_grad():
         plain = unet(sample, torch.tensor(300), encoder_hidden_states=context).sample
-        calls = []
-        conv2d = torch.nn.functional.conv2d
-        with temporal_convs_as_2d(unet):
-            assert all(type(m) is TemporalConvAs2d for m in temporal)
-            def counting(input, weight, *args, **kwargs):
-                calls.append(tuple(weight.shape[-2:]))
-                return conv2d(input, weight, *args, **kwargs)
+        kernels = []
+        real = convolution.winograd_conv2d
 
-            with unittest.mock.patch("torch.nn.functional.conv2d", counting):
-                swapped = unet(sample, torch.tensor(300), encoder_hidden_states=context).sample
-    assert calls.count((3, 1)) == len(temporal)  # each swapped layer really ran as a 2-D convolution
-    assert all(type(m) is torch.nn.Conv3d for m in temporal)  # restored after the block
-    assert torch.allclose(swapped, plain, atol=1e-5), (swapped - plain).abs().max()
+        def counting(input, weight, bias):
+            kernels.append(tuple(weight.shape[-2:]))
+            return real(input, weight, bias)
+
+        with winograd_convolutions(unet), unittest.mock.patch.object(convolution, "winograd_conv2d", counting):
+            assert all(type(m) is Winograd3x3 for m in spatial) and all(type(m) is WinogradTemporal for m in temporal)
+            fast = unet(sample, torch.tensor(300), encoder_hidden_states=context).sample
+    assert kernels.count((3, 3)) == len(spatial) and kernels.count((3, 1)) == len(temporal)  # every layer ran fast
+    assert all(type(m) is torch.nn.Conv2d for m in spatial) and all(type(m) is torch.nn.Conv3d for m in temporal)
+    assert torch.allclose(fast, plain, rtol=0, atol=1e-4 * plain.abs().max()), (fast - plain).abs().max()
+
+
+@pytest.mark.parametrize("dtype, side", [(torch.bfloat16, 8), (torch.float32, 2)])
+def test_winograd_layers_leave_half_precision_and_inputs_under_a_tile_to_the_direct_convolution(dtype, side):
+    layer = torch.nn.Conv2d(8, 8, 3, padding=1).to(dtype)
+    input = torch.randn(1, 8, side, side, dtype=dtype)
+    with torch.no_grad():
+        direct = layer(input)
+        with winograd_convolutions(layer):
+            assert type(layer) is Winograd3x3
+            assert torch.equal(layer(input), direct)
 
 
 def test_compiled_unet_gives_the_plain_frames_and_compiles_once_per_shape(tiny_model_dir, tiny_pipeline, monkeypatch):

@@ -1,42 +1,123 @@
-"""Temporal convolutions run as 2-D convolutions, on the CPU.
+"""The UNet's convolutions on the CPU in Winograd's minimal filtering algorithm: the same sums in fewer multiplications.
 
-The UNet's temporal layers convolve each pixel's sequence of frames with a (3, 1, 1) kernel. On the CPU PyTorch runs
-such a Conv3d through its generic `slow_conv3d` kernel; the same sums written as a Conv2d with a (3, 1) kernel over a
-(batch, channels, frames, height * width) view run in oneDNN, 1.1-1.4x faster per layer on an AVX2 CPU. diffusers
-has no switch for this, hence this class swap; the weights stay where they are, shared with the original layers.
+Every 3-tap axis is computed in F(4, 3) (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016):
+4 outputs from a 6-sample input tile in 6 multiplications rather than 12. A 3x3 convolution then takes 36
+multiplications per 4x4 outputs instead of 144, and a temporal (3, 1, 1) convolution 6 per 4 frames instead of 12;
+the transforms into and out of that domain are small matrix products, and the multiplications become one batched
+matrix product per convolution. PyTorch computes these convolutions directly on the CPU (oneDNN's Winograd kernels
+need AVX-512 and PyTorch does not select them), hence this class swap; the weights stay where they are, shared with
+the original layers. In float32 the results differ from direct convolution by rounding only (~1e-5 relative);
+half precision and inputs smaller than a tile take the direct path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
 
+# F(4, 3) with interpolation points 0, 1, -1, 2, -2 and infinity: the input, filter and output transforms.
+F_4_3 = (
+    [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0],
+     [0, 4, 0, -5, 0, 1]],
+    [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6],
+     [0, 0, 1]],
+    [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+)
+ONE_TAP = ([[1]], [[1]], [[1]])  # an axis the kernel does not span: each output is its own tile
+TILE = {3: 4, 1: 1}  # outputs per tile along an axis, by kernel taps along it
 
-class TemporalConvAs2d(torch.nn.Conv3d):
+
+@functools.cache
+def _transforms(taps: tuple[int, int], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The input, filter and output transforms of both axes at once: each the Kronecker product of the axes' own."""
+    axes = [F_4_3 if count == 3 else ONE_TAP for count in taps]
+    return tuple(torch.kron(*(torch.tensor(axis[which], dtype=torch.float64) for axis in axes)).to(dtype=dtype,
+                                                                                                   device=device)
+                 for which in range(3))
+
+
+def winograd_conv2d(input: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """`F.conv2d(input, weight, bias, padding=same)` for a (3, 3), (3, 1) or (1, 3) kernel, in Winograd's F(4, 3)."""
+    taps = tuple(weight.shape[2:])
+    input_transform, filter_transform, output_transform = _transforms(taps, input.dtype, input.device)
+    batch, channels, height, width = input.shape
+    out_channels = weight.shape[0]
+    (tile_h, tile_w), (span_h, span_w) = (TILE[t] for t in taps), (TILE[t] + t - 1 for t in taps)
+    rows, cols = -(-height // tile_h), -(-width // tile_w)
+    pad_h, pad_w = (t // 2 for t in taps)
+    # Overlapping input tiles, laid out (tile element, channel, tile) so that each transform is one matrix product.
+    padded = F.pad(input, (pad_w, cols * tile_w + span_w - 1 - pad_w - width,
+                           pad_h, rows * tile_h + span_h - 1 - pad_h - height))
+    tiles = padded.unfold(2, span_h, tile_h).unfold(3, span_w, tile_w)  # batch, channels, rows, cols, span_h, span_w
+    tiles = tiles.permute(4, 5, 1, 0, 2, 3).reshape(span_h * span_w, -1)
+    transformed_input = (input_transform @ tiles).view(span_h * span_w, channels, -1)
+    transformed_weight = (filter_transform @ weight.reshape(-1, taps[0] * taps[1]).T).view(-1, out_channels, channels)
+    products = torch.bmm(transformed_weight, transformed_input)
+    out_tiles = (output_transform @ products.view(span_h * span_w, -1)).view(tile_h, tile_w, out_channels, batch,
+                                                                            rows, cols)
+    output = input.new_empty(batch, out_channels, rows * tile_h, cols * tile_w)
+    in_place = output.view(batch, out_channels, rows, tile_h, cols, tile_w)
+    out_tiles = out_tiles.permute(3, 2, 4, 0, 5, 1)
+    if bias is None:
+        in_place.copy_(out_tiles)
+    else:
+        torch.add(out_tiles, bias.view(1, -1, 1, 1, 1, 1), out=in_place)
+    return output[:, :, :height, :width]
+
+
+def winograd_pays(input: torch.Tensor, taps: tuple[int, int]) -> bool:
+    """float32 (the transforms would amplify half precision's rounding), and at least one whole tile along each
+    3-tap axis: below that the padded tiles cost more than the multiplications saved (2x2 inputs: 2x slower)."""
+    return input.dtype == torch.float32 and all(size >= TILE[t] for size, t in zip(input.shape[2:], taps))
+
+
+class Winograd3x3(torch.nn.Conv2d):
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        if not winograd_pays(input, (3, 3)):
+            return super()._conv_forward(input, weight, bias)
+        return winograd_conv2d(input, weight, bias)
+
+
+class WinogradTemporal(torch.nn.Conv3d):
+    """A (3, 1, 1) convolution over frames as a (3, 1) 2-D one over a (batch, channels, frames, pixels) view."""
+
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
         batch, channels, frames, height, width = input.shape
-        out = F.conv2d(input.reshape(batch, channels, frames, height * width), weight.squeeze(-1), bias,
-                       padding=(self.padding[0], 0))
-        return out.view(batch, -1, out.shape[2], height, width)
+        flat, kernel = input.reshape(batch, channels, frames, height * width), weight.squeeze(-1)
+        if winograd_pays(flat, (3, 1)):
+            out = winograd_conv2d(flat, kernel, bias)
+        else:  # as a 2-D convolution still: PyTorch's 3-D one runs in a generic kernel on the CPU, 1.1-1.4x slower
+            out = F.conv2d(flat, kernel, bias, padding=(1, 0))
+        return out.unflatten(-1, (height, width))
 
 
 def is_temporal(conv: torch.nn.Module) -> bool:
-    """A Conv3d that mixes frames only: (k, 1, 1) kernel, unit stride and dilation, zero padding along frames."""
-    return (type(conv) is torch.nn.Conv3d and conv.kernel_size[1:] == (1, 1) and conv.stride == (1, 1, 1)
+    """A Conv3d that mixes 3 frames only: (3, 1, 1) kernel, unit stride and dilation, 'same' zero padding."""
+    return (type(conv) is torch.nn.Conv3d and conv.kernel_size == (3, 1, 1) and conv.stride == (1, 1, 1)
             and conv.dilation == (1, 1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-            and not isinstance(conv.padding, str) and tuple(conv.padding[1:]) == (0, 0))
+            and tuple(conv.padding) == (1, 0, 0))
+
+
+def is_3x3(conv: torch.nn.Module) -> bool:
+    """A plain 3x3 Conv2d with unit stride and 'same' zero padding."""
+    return (type(conv) is torch.nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and tuple(conv.padding) == (1, 1))
 
 
 @contextlib.contextmanager
-def temporal_convs_as_2d(unet: torch.nn.Module):
-    """Within the block, the UNet's temporal convolutions run as 2-D convolutions (the same results)."""
-    layers = [module for module in unet.modules() if is_temporal(module)]
-    for layer in layers:
-        layer.__class__ = TemporalConvAs2d
+def winograd_convolutions(unet: torch.nn.Module):
+    """Within the block, the UNet's 3x3 and temporal convolutions run in Winograd's algorithm (float32 only)."""
+    swapped = [(module, Winograd3x3 if is_3x3(module) else WinogradTemporal) for module in unet.modules()
+               if is_3x3(module) or is_temporal(module)]
+    originals = [type(module) for module, _ in swapped]
+    for module, fast in swapped:
+        module.__class__ = fast
     try:
         yield
     finally:
-        for layer in layers:
-            layer.__class__ = torch.nn.Conv3d
+        for (module, _), original in zip(swapped, originals):
+            module.__class__ = original

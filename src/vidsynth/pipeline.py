@@ -18,7 +18,7 @@ from diffusers.models import Transformer2DModel, TransformerTemporalModel
 from . import __version__
 from .attention import text_attention_per_video
 from .caching import DeepFeatureCache
-from .convolution import temporal_convs_as_2d
+from .convolution import winograd_convolutions
 from .cpu_memory import freed_memory_reused
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import NumericalError, RequestError
@@ -197,7 +197,7 @@ class Pipeline:
         latents = latents.to(self.device) * scheduler.init_noise_sigma
         on_cpu = self.device.type == "cpu"
         with (self._using(self.components.unet), text_attention_per_video(self.components.unet, latents.shape[2]),
-              temporal_convs_as_2d(self.components.unet) if on_cpu else contextlib.nullcontext()):
+              winograd_convolutions(self.components.unet) if on_cpu else contextlib.nullcontext()):
             for step, t in enumerate(scheduler.timesteps):
                 if self.compiled_unet is not None and self.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed
