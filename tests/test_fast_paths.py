@@ -1,5 +1,5 @@
 """Fast paths that must not change the result beyond rounding: the prompt's keys and values once per video, Winograd
-convolutions on the CPU, the compiled UNet; and freed memory reused while generating on the CPU."""
+convolutions on the CPU, the compiled UNet; and freed memory reused while denoising on the CPU."""
 
 import os
 import platform
@@ -15,7 +15,8 @@ import vidsynth
 from conftest import randomize, tiny_unet
 from vidsynth.attention import text_attention_per_video
 from vidsynth import convolution
-from vidsynth.convolution import Winograd3x3, WinogradTemporal, winograd_conv2d, winograd_convolutions
+from vidsynth.convolution import (TemporalConvAs2d, Winograd3x3, WinogradTemporal, cpu_convolutions,
+                                  winograd_conv2d)
 from vidsynth.cpu_memory import freed_memory_reused
 
 
@@ -56,7 +57,8 @@ def test_winograd_convolution_gives_conv2d_results(input_shape, kernel):
         assert torch.allclose(winograd, direct, rtol=0, atol=1e-5 * direct.abs().max()), (winograd - direct).abs().max()
 
 
-def test_winograd_convolutions_give_the_plain_unet_result():
+@pytest.mark.parametrize("winograd", [True, False])
+def test_cpu_convolutions_give_the_plain_unet_result(winograd):
     unet = randomize(tiny_unet(), 6)
     sample, context = torch.randn(2, 4, 5, 16, 16), torch.randn(2, 77, 32)
     spatial = [m for m in unet.modules() if type(m) is torch.nn.Conv2d and m.kernel_size == (3, 3)
@@ -65,17 +67,27 @@ def test_winograd_convolutions_give_the_plain_unet_result():
     assert spatial and temporal and all(m.kernel_size == (3, 1, 1) for m in temporal)
     with torch.no_grad():
         plain = unet(sample, torch.tensor(300), encoder_hidden_states=context).sample
-        kernels = []
-        real = convolution.winograd_conv2d
+        winograd_kernels, conv2d_kernels = [], []
+        real_winograd, real_conv2d = convolution.winograd_conv2d, torch.nn.functional.conv2d
 
-        def counting(input, weight, bias):
-            kernels.append(tuple(weight.shape[-2:]))
-            return real(input, weight, bias)
+        def counting_winograd(input, weight, bias):
+            winograd_kernels.append(tuple(weight.shape[-2:]))
+            return real_winograd(input, weight, bias)
 
-        with winograd_convolutions(unet), unittest.mock.patch.object(convolution, "winograd_conv2d", counting):
-            assert all(type(m) is Winograd3x3 for m in spatial) and all(type(m) is WinogradTemporal for m in temporal)
+        def counting_conv2d(input, weight, *args, **kwargs):
+            conv2d_kernels.append(tuple(weight.shape[-2:]))
+            return real_conv2d(input, weight, *args, **kwargs)
+
+        with (cpu_convolutions(unet, winograd), unittest.mock.patch.object(convolution, "winograd_conv2d",
+                                                                           counting_winograd),
+              unittest.mock.patch("torch.nn.functional.conv2d", counting_conv2d)):
+            assert all(type(m) is (WinogradTemporal if winograd else TemporalConvAs2d) for m in temporal)
+            assert all(type(m) is (Winograd3x3 if winograd else torch.nn.Conv2d) for m in spatial)
             fast = unet(sample, torch.tensor(300), encoder_hidden_states=context).sample
-    assert kernels.count((3, 3)) == len(spatial) and kernels.count((3, 1)) == len(temporal)  # every layer ran fast
+    if winograd:  # every layer ran in Winograd's algorithm
+        assert winograd_kernels.count((3, 3)) == len(spatial) and winograd_kernels.count((3, 1)) == len(temporal)
+    else:  # every temporal layer ran as a 2-D convolution
+        assert not winograd_kernels and conv2d_kernels.count((3, 1)) == len(temporal)
     assert all(type(m) is torch.nn.Conv2d for m in spatial) and all(type(m) is torch.nn.Conv3d for m in temporal)
     assert torch.allclose(fast, plain, rtol=0, atol=1e-4 * plain.abs().max()), (fast - plain).abs().max()
 
@@ -86,7 +98,7 @@ def test_winograd_layers_leave_half_precision_and_inputs_under_a_tile_to_the_dir
     input = torch.randn(1, 8, side, side, dtype=dtype)
     with torch.no_grad():
         direct = layer(input)
-        with winograd_convolutions(layer):
+        with cpu_convolutions(layer):
             assert type(layer) is Winograd3x3
             assert torch.equal(layer(input), direct)
 
@@ -134,6 +146,7 @@ def test_inductor_compiled_unet_with_frozen_weights_gives_the_plain_frames(tiny_
 glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="memory reuse is set through glibc's mallopt")
 BLOCK = 256 * 2**20
+PAGES = BLOCK // os.sysconf("SC_PAGE_SIZE")
 
 
 def resident_bytes() -> int:
@@ -152,26 +165,23 @@ def fill_and_free(times: int = 1) -> None:
 
 
 @glibc_only
-def test_freed_memory_is_kept_for_reuse_within_the_block_and_handed_back_after():
+def test_freed_memory_is_reused_within_the_block_and_handed_back_after():
     with freed_memory_reused():
-        fill_and_free(2)  # a freed block is reused once freed neighbours have merged around it, as in a step loop
+        fill_and_free(3)  # glibc's heap grows by up to two blocks before freed neighbours merge to fit the next one
         kept = resident_bytes()
-        assert faults_while(fill_and_free) < BLOCK // os.sysconf("SC_PAGE_SIZE") // 100  # no fresh pages: reused
+        assert faults_while(lambda: fill_and_free(4)) < PAGES // 100  # no fresh pages: the freed memory is reused
         assert resident_bytes() - kept < BLOCK // 8
-    after = resident_bytes()
-    assert kept - after > BLOCK * 3 // 4  # the free memory went back to the system on leaving
-    fill_and_free()
-    assert resident_bytes() - after < BLOCK // 8  # and glibc's usual behaviour is back: freed blocks are returned
+    assert kept - resident_bytes() > BLOCK * 3 // 4  # the free memory went back to the system on leaving
 
 
 @glibc_only
-def test_generating_on_the_cpu_reuses_freed_memory(tiny_pipeline):
+def test_denoising_on_the_cpu_reuses_freed_memory(tiny_pipeline):
     faults = []
 
     def measure(event):
         if event.phase == "denoise" and event.step == 1:
-            fill_and_free(2)
-            faults.append(faults_while(fill_and_free))
+            fill_and_free(3)
+            faults.append(faults_while(lambda: fill_and_free(4)))
 
     tiny_pipeline("a red circle", frames=2, height=32, width=32, steps=2, seed=0, callback=measure)
-    assert faults and faults[0] < BLOCK // os.sysconf("SC_PAGE_SIZE") // 100
+    assert faults and faults[0] < PAGES // 100

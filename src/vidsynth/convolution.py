@@ -1,13 +1,18 @@
-"""The UNet's convolutions on the CPU in Winograd's minimal filtering algorithm: the same sums in fewer multiplications.
+"""The UNet's convolutions on the CPU: temporal ones as 2-D convolutions, and in Winograd's algorithm.
 
-Every 3-tap axis is computed in F(4, 3) (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016):
-4 outputs from a 6-sample input tile in 6 multiplications rather than 12. A 3x3 convolution then takes 36
-multiplications per 4x4 outputs instead of 144, and a temporal (3, 1, 1) convolution 6 per 4 frames instead of 12;
-the transforms into and out of that domain are small matrix products, and the multiplications become one batched
-matrix product per convolution. PyTorch computes these convolutions directly on the CPU (oneDNN's Winograd kernels
-need AVX-512 and PyTorch does not select them), hence this class swap; the weights stay where they are, shared with
-the original layers. In float32 the results differ from direct convolution by rounding only (~1e-5 relative);
-half precision and inputs smaller than a tile take the direct path.
+Temporal (3, 1, 1) convolutions run as (3, 1) 2-D convolutions over a (batch, channels, frames, pixels) view: on the
+CPU PyTorch runs 3-D convolutions in a generic kernel, 1.1-1.4x slower than oneDNN's 2-D one.
+
+In float32 both those and the 3x3 convolutions run in Winograd's minimal filtering algorithm, F(4, 3) along every
+3-tap axis (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016): 4 outputs from a 6-sample
+tile in 6 multiplications rather than 12, so a 3x3 convolution takes 36 multiplications per 4x4 outputs instead of
+144 and a temporal one 6 per 4 frames instead of 12. The transforms into and out of that domain are small matrix
+products and the multiplications one batched matrix product. PyTorch computes these convolutions directly on the
+CPU (oneDNN's Winograd kernels need AVX-512 and PyTorch does not select them), hence this code. The results differ
+from direct convolution by rounding only (~1e-5 relative); half precision and inputs smaller than a tile take the
+direct path.
+
+Both are class swaps for the length of a block; the weights stay where they are, shared with the original layers.
 """
 
 from __future__ import annotations
@@ -34,9 +39,11 @@ TILE = {3: 4, 1: 1}  # outputs per tile along an axis, by kernel taps along it
 def _transforms(taps: tuple[int, int], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
     """The input, filter and output transforms of both axes at once: each the Kronecker product of the axes' own."""
     axes = [F_4_3 if count == 3 else ONE_TAP for count in taps]
-    return tuple(torch.kron(*(torch.tensor(axis[which], dtype=torch.float64) for axis in axes)).to(dtype=dtype,
-                                                                                                   device=device)
-                 for which in range(3))
+
+    def both_axes(which: int) -> torch.Tensor:
+        matrices = (torch.tensor(axis[which], dtype=torch.float64) for axis in axes)
+        return torch.kron(*matrices).to(dtype=dtype, device=device)
+    return tuple(both_axes(which) for which in range(3))
 
 
 def winograd_conv2d(input: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
@@ -81,17 +88,23 @@ class Winograd3x3(torch.nn.Conv2d):
         return winograd_conv2d(input, weight, bias)
 
 
-class WinogradTemporal(torch.nn.Conv3d):
+class TemporalConvAs2d(torch.nn.Conv3d):
     """A (3, 1, 1) convolution over frames as a (3, 1) 2-D one over a (batch, channels, frames, pixels) view."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
         batch, channels, frames, height, width = input.shape
-        flat, kernel = input.reshape(batch, channels, frames, height * width), weight.squeeze(-1)
-        if winograd_pays(flat, (3, 1)):
-            out = winograd_conv2d(flat, kernel, bias)
-        else:  # as a 2-D convolution still: PyTorch's 3-D one runs in a generic kernel on the CPU, 1.1-1.4x slower
-            out = F.conv2d(flat, kernel, bias, padding=(1, 0))
+        out = self.conv2d(input.reshape(batch, channels, frames, height * width), weight.squeeze(-1), bias)
         return out.unflatten(-1, (height, width))
+
+    def conv2d(self, input: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        return F.conv2d(input, weight, bias, padding=(1, 0))
+
+
+class WinogradTemporal(TemporalConvAs2d):
+    def conv2d(self, input: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        if not winograd_pays(input, (3, 1)):
+            return super().conv2d(input, weight, bias)
+        return winograd_conv2d(input, weight, bias)
 
 
 def is_temporal(conv: torch.nn.Module) -> bool:
@@ -109,10 +122,15 @@ def is_3x3(conv: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def winograd_convolutions(unet: torch.nn.Module):
-    """Within the block, the UNet's 3x3 and temporal convolutions run in Winograd's algorithm (float32 only)."""
-    swapped = [(module, Winograd3x3 if is_3x3(module) else WinogradTemporal) for module in unet.modules()
-               if is_3x3(module) or is_temporal(module)]
+def cpu_convolutions(unet: torch.nn.Module, winograd: bool = True):
+    """Within the block, the UNet's temporal convolutions run as 2-D ones and, with `winograd`, they and its 3x3
+    convolutions run in Winograd's algorithm (float32 inputs of at least a tile)."""
+    def fast_class(module):
+        if is_temporal(module):
+            return WinogradTemporal if winograd else TemporalConvAs2d
+        return Winograd3x3 if winograd and is_3x3(module) else None
+
+    swapped = [(module, fast_class(module)) for module in unet.modules() if fast_class(module)]
     originals = [type(module) for module, _ in swapped]
     for module, fast in swapped:
         module.__class__ = fast

@@ -18,7 +18,7 @@ from diffusers.models import Transformer2DModel, TransformerTemporalModel
 from . import __version__
 from .attention import text_attention_per_video
 from .caching import DeepFeatureCache
-from .convolution import winograd_convolutions
+from .convolution import cpu_convolutions
 from .cpu_memory import freed_memory_reused
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import NumericalError, RequestError
@@ -138,10 +138,6 @@ class Pipeline:
     def generate(self, request: GenerationRequest, callback: Callback = None) -> list[Video]:
         """Make every video the request asks for. Raise Cancelled (from the callback) to stop."""
         request = self.prepare(request)
-        with freed_memory_reused() if self.device.type == "cpu" else contextlib.nullcontext():
-            return self._generate(request, callback)
-
-    def _generate(self, request: GenerationRequest, callback: Callback) -> list[Video]:
         scale = self.components.vae_scale_factor
         prompts, count = request.prompts, request.total_videos
         emit(callback, Event("encode", 0, 1, 0, count))
@@ -195,9 +191,12 @@ class Pipeline:
         both = torch.cat([negative, positive])
         # Latents stay float32 between steps so half-precision models do not accumulate rounding in the sampler.
         latents = latents.to(self.device) * scheduler.init_noise_sigma
+        # Not Winograd in a compiled UNet: freezing would fold the transformed weights into constants, 4x the 3x3 ones.
+        winograd = self.compiled_unet is None or request.cache_interval > 1
         on_cpu = self.device.type == "cpu"
         with (self._using(self.components.unet), text_attention_per_video(self.components.unet, latents.shape[2]),
-              winograd_convolutions(self.components.unet) if on_cpu else contextlib.nullcontext()):
+              cpu_convolutions(self.components.unet, winograd) if on_cpu else contextlib.nullcontext(),
+              freed_memory_reused() if on_cpu else contextlib.nullcontext()):
             for step, t in enumerate(scheduler.timesteps):
                 if self.compiled_unet is not None and self.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed
