@@ -58,7 +58,8 @@ def test_winograd_convolution_gives_conv2d_results(input_shape, kernel):
 
 
 @pytest.mark.parametrize("winograd", [True, False])
-def test_cpu_convolutions_give_the_plain_unet_result(winograd):
+def test_cpu_convolutions_give_the_plain_unet_result(winograd, monkeypatch):
+    monkeypatch.setattr(convolution, "WINOGRAD_MIN_CHANNELS", 1)  # the tiny UNet's layers are narrower than the bar
     unet = randomize(tiny_unet(), 6)
     sample, context = torch.randn(2, 4, 5, 16, 16), torch.randn(2, 77, 32)
     spatial = [m for m in unet.modules() if type(m) is torch.nn.Conv2d and m.kernel_size == (3, 3)
@@ -92,15 +93,21 @@ def test_cpu_convolutions_give_the_plain_unet_result(winograd):
     assert torch.allclose(fast, plain, rtol=0, atol=1e-4 * plain.abs().max()), (fast - plain).abs().max()
 
 
-@pytest.mark.parametrize("dtype, side", [(torch.bfloat16, 8), (torch.float32, 2)])
-def test_winograd_layers_leave_half_precision_and_inputs_under_a_tile_to_the_direct_convolution(dtype, side):
-    layer = torch.nn.Conv2d(8, 8, 3, padding=1).to(dtype)
-    input = torch.randn(1, 8, side, side, dtype=dtype)
+@pytest.mark.parametrize("dtype, side, channels", [
+    (torch.bfloat16, 8, 256),  # half precision
+    (torch.float32, 2, 256),  # smaller than a tile
+    (torch.float32, 8, 128),  # narrower than Winograd pays for
+])
+def test_winograd_layers_leave_other_cases_to_the_direct_convolution(dtype, side, channels):
+    layer = torch.nn.Conv2d(channels, channels, 3, padding=1).to(dtype)
+    input = torch.randn(1, channels, side, side, dtype=dtype)
     with torch.no_grad():
         direct = layer(input)
         with cpu_convolutions(layer):
             assert type(layer) is Winograd3x3
             assert torch.equal(layer(input), direct)
+        winograd = winograd_conv2d(input.float(), layer.weight.float(), layer.bias.float())
+    assert not torch.equal(winograd, direct.float())  # Winograd's rounding differs: equality above means direct ran
 
 
 def test_compiled_unet_gives_the_plain_frames_and_compiles_once_per_shape(tiny_model_dir, tiny_pipeline, monkeypatch):

@@ -9,8 +9,8 @@ tile in 6 multiplications rather than 12, so a 3x3 convolution takes 36 multipli
 144 and a temporal one 6 per 4 frames instead of 12. The transforms into and out of that domain are small matrix
 products and the multiplications one batched matrix product. PyTorch computes these convolutions directly on the
 CPU (oneDNN's Winograd kernels need AVX-512 and PyTorch does not select them), hence this code. The results differ
-from direct convolution by rounding only (~1e-5 relative); half precision and inputs smaller than a tile take the
-direct path.
+from direct convolution by rounding only (~1e-5 relative); half precision, inputs smaller than a tile and layers
+narrower than 256 channels (the shipped model's) take the direct path.
 
 Both are class swaps for the length of a block; the weights stay where they are, shared with the original layers.
 """
@@ -33,6 +33,7 @@ F_4_3 = (
 )
 ONE_TAP = ([[1]], [[1]], [[1]])  # an axis the kernel does not span: each output is its own tile
 TILE = {3: 4, 1: 1}  # outputs per tile along an axis, by kernel taps along it
+WINOGRAD_MIN_CHANNELS = 256
 
 
 @functools.cache
@@ -75,15 +76,18 @@ def winograd_conv2d(input: torch.Tensor, weight: torch.Tensor, bias) -> torch.Te
     return output[:, :, :height, :width]
 
 
-def winograd_pays(input: torch.Tensor, taps: tuple[int, int]) -> bool:
-    """float32 (the transforms would amplify half precision's rounding), and at least one whole tile along each
-    3-tap axis: below that the padded tiles cost more than the multiplications saved (2x2 inputs: 2x slower)."""
-    return input.dtype == torch.float32 and all(size >= TILE[t] for size, t in zip(input.shape[2:], taps))
+def winograd_pays(input: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Only in float32 (the transforms would amplify half precision's rounding), with at least one whole tile along
+    each 3-tap axis (on 2x2 inputs the padded tiles made it 2x slower) and wide enough layers: the transforms cost in
+    proportion to the channels, the products saved to their square (below 256 channels it was slower here, 5x at 32)."""
+    taps = weight.shape[2:]
+    return (input.dtype == torch.float32 and min(weight.shape[:2]) >= WINOGRAD_MIN_CHANNELS
+            and all(size >= TILE[t] for size, t in zip(input.shape[2:], taps)))
 
 
 class Winograd3x3(torch.nn.Conv2d):
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
-        if not winograd_pays(input, (3, 3)):
+        if not winograd_pays(input, weight):
             return super()._conv_forward(input, weight, bias)
         return winograd_conv2d(input, weight, bias)
 
@@ -102,7 +106,7 @@ class TemporalConvAs2d(torch.nn.Conv3d):
 
 class WinogradTemporal(TemporalConvAs2d):
     def conv2d(self, input: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
-        if not winograd_pays(input, (3, 1)):
+        if not winograd_pays(input, weight):
             return super().conv2d(input, weight, bias)
         return winograd_conv2d(input, weight, bias)
 
