@@ -48,7 +48,8 @@ def _transforms(taps: tuple[int, int], dtype: torch.dtype, device: torch.device)
 
 
 def winograd_conv2d(input: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
-    """`F.conv2d(input, weight, bias, padding=same)` for a (3, 3), (3, 1) or (1, 3) kernel, in Winograd's F(4, 3)."""
+    """`F.conv2d(input, weight, bias, padding=same)` for a (3, 3), (3, 1) or (1, 3) kernel, in Winograd's F(4, 3).
+    For inference (no autograd): the tiles are written straight into a contiguous output."""
     taps = tuple(weight.shape[2:])
     input_transform, filter_transform, output_transform = _transforms(taps, input.dtype, input.device)
     batch, channels, height, width = input.shape
