@@ -25,7 +25,7 @@ DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
 NEVER_TRIM = 2**31 - 1  # mallopt takes an int
 
 _lock = threading.Lock()
-_holders = 0  # generations inside the block: the settings are process-wide, so the last one out restores them
+_holders = 0  # denoising loops inside the block: the settings are process-wide, so the last one out restores them
 
 
 def _glibc() -> Optional[ctypes.CDLL]:
