@@ -52,9 +52,11 @@ def test_winograd_convolution_gives_conv2d_results(input_shape, kernel):
     input, weight = torch.randn(input_shape, generator=generator), torch.randn(kernel, generator=generator)
     for bias in (torch.randn(kernel[0], generator=generator), None):
         direct = torch.nn.functional.conv2d(input, weight, bias, padding=(kernel[2] // 2, kernel[3] // 2))
-        winograd = winograd_conv2d(input, weight, bias)
-        assert winograd.shape == direct.shape
-        assert torch.allclose(winograd, direct, rtol=0, atol=1e-5 * direct.abs().max()), (winograd - direct).abs().max()
+        strided = input.transpose(2, 3).contiguous().transpose(2, 3)  # same values, not contiguous
+        for winograd in (winograd_conv2d(input, weight, bias), winograd_conv2d(strided, weight, bias)):
+            assert winograd.shape == direct.shape
+            assert torch.allclose(winograd, direct, rtol=0, atol=1e-5 * direct.abs().max()), \
+                (winograd - direct).abs().max()
 
 
 @pytest.mark.parametrize("winograd", [True, False])

@@ -53,27 +53,33 @@ def winograd_conv2d(input: torch.Tensor, weight: torch.Tensor, bias) -> torch.Te
     taps = tuple(weight.shape[2:])
     input_transform, filter_transform, output_transform = _transforms(taps, input.dtype, input.device)
     batch, channels, height, width = input.shape
-    out_channels = weight.shape[0]
+    out_channels, elements = weight.shape[0], input_transform.shape[0]
     (tile_h, tile_w), (span_h, span_w) = (TILE[t] for t in taps), (TILE[t] + t - 1 for t in taps)
     rows, cols = -(-height // tile_h), -(-width // tile_w)
-    pad_h, pad_w = (t // 2 for t in taps)
-    padded = F.pad(input, (pad_w, cols * tile_w + span_w - 1 - pad_w - width,
-                           pad_h, rows * tile_h + span_h - 1 - pad_h - height))
+    # Zeros on the far sides make whole tiles; the convolution below pads the near sides itself.
+    if rows * tile_h > height or cols * tile_w > width:
+        input = F.pad(input, (0, cols * tile_w - width, 0, rows * tile_h - height))
+
     # Gathering the overlapping tiles and transforming them is one strided convolution of every channel alone with
     # the input transform's rows as kernels: 3-4x faster than copying the tiles out, whose innermost stride is a tile.
-    transformed_input = F.conv2d(padded.view(batch * channels, 1, *padded.shape[2:]),
-                                 input_transform.view(-1, 1, span_h, span_w), stride=(tile_h, tile_w))
-    # (tile element, channel, tile), so that the products are one batched matrix product
-    transformed_input = transformed_input.view(batch, channels, span_h * span_w, rows * cols).permute(2, 1, 0, 3)
-    transformed_input = transformed_input.reshape(span_h * span_w, channels, batch * rows * cols)
-    transformed_weight = torch.mm(filter_transform, weight.reshape(-1, taps[0] * taps[1]).T).view(-1, out_channels,
-                                                                                                  channels)
-    products = torch.bmm(transformed_weight, transformed_input)
-    out_tiles = (output_transform @ products.view(span_h * span_w, -1)).view(tile_h, tile_w, out_channels, batch,
-                                                                            rows, cols)
+    tiles = F.conv2d(input.reshape(batch * channels, 1, rows * tile_h, cols * tile_w),
+                     input_transform.view(elements, 1, span_h, span_w), stride=(tile_h, tile_w),
+                     padding=(taps[0] // 2, taps[1] // 2))
+    # (tile element, channel, tile): the products are then one batched matrix product
+    tiles = tiles.view(batch, channels, elements, rows * cols).permute(2, 1, 0, 3).reshape(elements, channels, -1)
+    transformed_weight = torch.mm(filter_transform, weight.reshape(-1, taps[0] * taps[1]).T)
+    products = torch.bmm(transformed_weight.view(elements, out_channels, channels), tiles).view(elements, -1)
+
+    # Back from the transform domain, ordered so that the copy into the output reads runs of adjacent pixels: rows of
+    # tiles where a tile is one pixel wide (temporal), each tile's own outputs otherwise (1.4-1.8x faster there).
+    if tile_w == 1:
+        out_tiles = (output_transform @ products).view(tile_h, tile_w, out_channels, batch, rows, cols)
+        out_tiles = out_tiles.permute(3, 2, 4, 0, 5, 1)
+    else:
+        out_tiles = (products.T @ output_transform.T).view(out_channels, batch, rows, cols, tile_h, tile_w)
+        out_tiles = out_tiles.permute(1, 0, 2, 4, 3, 5)
     output = input.new_empty(batch, out_channels, rows * tile_h, cols * tile_w)
     in_place = output.view(batch, out_channels, rows, tile_h, cols, tile_w)
-    out_tiles = out_tiles.permute(3, 2, 4, 0, 5, 1)
     if bias is None:
         in_place.copy_(out_tiles)
     else:
