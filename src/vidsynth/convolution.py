@@ -6,11 +6,11 @@ CPU PyTorch runs 3-D convolutions in a generic kernel, 1.1-1.4x slower than oneD
 In float32 both those and the 3x3 convolutions run in Winograd's minimal filtering algorithm, F(4, 3) along every
 3-tap axis (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016): 4 outputs from a 6-sample
 tile in 6 multiplications rather than 12, so a 3x3 convolution takes 36 multiplications per 4x4 outputs instead of
-144 and a temporal one 6 per 4 frames instead of 12. The transforms into and out of that domain are small matrix
-products and the multiplications one batched matrix product. PyTorch computes these convolutions directly on the
-CPU (oneDNN's Winograd kernels need AVX-512 and PyTorch does not select them), hence this code. The results differ
-from direct convolution by rounding only (~1e-5 relative); half precision, inputs smaller than a tile and layers
-narrower than 256 channels (the shipped model's) take the direct path.
+144 and a temporal one 6 per 4 frames instead of 12. The way into that domain is one strided convolution, the
+multiplications are one batched matrix product and the way back a small matrix product. PyTorch computes these
+convolutions directly on the CPU (oneDNN's Winograd kernels need AVX-512 and PyTorch does not select them), hence
+this code. The results differ from direct convolution by rounding only (~1e-5 relative); half precision, inputs
+smaller than a tile and layers narrower than 256 channels (the shipped model's) take the direct path.
 
 Both are class swaps for the length of a block; the weights stay where they are, shared with the original layers.
 """
