@@ -46,6 +46,7 @@ def test_text_attention_per_video_gives_the_plain_result_with_one_projection_per
     ((1, 3, 10, 7), (6, 3, 3, 3)),  # partial tiles at the edges
     ((1, 4, 1, 1), (4, 4, 3, 3)),  # smaller than a tile
     ((2, 8, 5, 9), (4, 8, 3, 1)),  # temporal: 3 taps over frames, none over pixels
+    ((2, 8, 5, 9), (4, 8, 1, 3)),  # 3 taps along rows only
 ])
 def test_winograd_convolution_gives_conv2d_results(input_shape, kernel):
     generator = torch.Generator().manual_seed(0)
