@@ -43,7 +43,8 @@ def main() -> None:
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipeline = Pipeline(components_for(args, dtype), device, dtype)
+    pipeline = Pipeline(components_for(args, dtype, device), device, dtype)
+    pipeline.unet_forward = None  # eager: the hooks below synchronise, which a CUDA graph (same kernels) cannot hold
     settings = dict(frames=args.frames, height=args.height, width=args.width, steps=1, guidance=args.guidance,
                     scheduler="ddim", seed=0, progress=False)
     pipeline("profile", **settings)  # warm-up

@@ -1,6 +1,7 @@
 """Fast paths that must not change the result beyond rounding: the prompt's keys and values once per video, Winograd
-convolutions on the CPU, the compiled UNet; and freed memory reused while denoising on the CPU."""
+convolutions on the CPU, the compiled UNet, CUDA graphs; and freed memory reused while denoising on the CPU."""
 
+import contextlib
 import os
 import platform
 import resource
@@ -14,10 +15,13 @@ from diffusers.models.attention_processor import Attention
 import vidsynth
 from conftest import randomize, tiny_unet
 from vidsynth.attention import text_attention_per_video
+from vidsynth.caching import noise_prediction
 from vidsynth import convolution
 from vidsynth.convolution import (TemporalConvAs2d, Winograd3x3, WinogradTemporal, cpu_convolutions,
                                   winograd_conv2d)
 from vidsynth.cpu_memory import freed_memory_reused
+from vidsynth.cuda_graphs import CudaGraphedForward
+from vidsynth.pipeline import compile_unet
 
 
 def test_text_attention_per_video_gives_the_plain_result_with_one_projection_per_video():
@@ -142,6 +146,14 @@ def test_compiled_unet_gives_the_plain_frames_and_compiles_once_per_shape(tiny_m
     assert same_as_plain("a red circle", cache_interval=2)  # deep-feature reuse runs uncompiled, same result
 
 
+def test_compiling_for_cuda_asks_torch_compile_for_cuda_graphs(monkeypatch):
+    requests = []
+    monkeypatch.setattr(torch, "compile", lambda model, **options: requests.append(options) or model)
+    unet = tiny_unet()
+    assert compile_unet(unet, torch.device("cuda")) is unet
+    assert requests == [{"mode": "reduce-overhead", "dynamic": False}]
+
+
 @pytest.mark.skipif(not os.environ.get("VIDSYNTH_SLOW"), reason="compiles with inductor, minutes on 2 cores: "
                     "opt in with VIDSYNTH_SLOW=1")
 def test_inductor_compiled_unet_with_frozen_weights_gives_the_plain_frames(tiny_model_dir, tiny_pipeline):
@@ -151,6 +163,109 @@ def test_inductor_compiled_unet_with_frozen_weights_gives_the_plain_frames(tiny_
     made = compiled("a red circle", **settings).frames
     plain = tiny_pipeline("a red circle", **settings).frames
     assert np.abs(made.astype(int) - plain).max() <= 1
+
+
+class FakeGraph:
+    """torch.cuda.CUDAGraph on the CPU: a forward run while "capturing" records how to recompute its output in place,
+    and replaying recomputes it, so the test sees whatever the wrapper left in the input buffers."""
+    capturing = None
+    captured = 0
+
+    def __init__(self):
+        self.recompute = None
+
+    def replay(self):
+        self.recompute()
+
+
+@contextlib.contextmanager
+def fake_capture(graph, pool=None):
+    FakeGraph.capturing = graph
+    FakeGraph.captured += 1
+    try:
+        yield
+    finally:
+        FakeGraph.capturing = None
+
+
+@pytest.fixture
+def fake_cuda_graphs(monkeypatch):
+    stream = unittest.mock.Mock()
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_capture)
+    FakeGraph.captured = 0
+
+
+def recordable(unet):
+    """The UNet's noise prediction, recorded into the graph being captured, if any."""
+    def forward(sample, timestep, context):
+        out = noise_prediction(unet)(sample, timestep, context)
+        graph = FakeGraph.capturing
+        if graph is not None:
+            graph.recompute = lambda: out.copy_(noise_prediction(unet)(sample, timestep, context))
+        return out
+    return forward
+
+
+def test_cuda_graphed_forward_replays_with_each_calls_inputs_and_one_capture_per_shape(fake_cuda_graphs):
+    unet = randomize(tiny_unet(), 7)
+    graphed = CudaGraphedForward(recordable(unet))
+    generator = torch.Generator().manual_seed(0)
+
+    def inputs(batch, frames=3):
+        return (torch.randn(batch, 4, frames, 16, 16, generator=generator), torch.tensor(int(torch.randint(1000, (1,)))),
+                torch.randn(batch, 77, 32, generator=generator))
+
+    with torch.no_grad():
+        calls = [inputs(2), inputs(2), inputs(2)]
+        outputs = [graphed(*call) for call in calls]
+        assert FakeGraph.captured == 1  # one shape: captured once, replayed after
+        for call, output in zip(calls, outputs):  # each output is its own (a clone), computed from its own inputs
+            assert torch.equal(output, noise_prediction(unet)(*call))
+        unguided = inputs(1)
+        assert torch.equal(graphed(*unguided), noise_prediction(unet)(*unguided))
+        assert FakeGraph.captured == 2 and len(graphed.steps) == 2
+        longer = inputs(2, frames=4)
+        assert torch.equal(graphed(*longer), noise_prediction(unet)(*longer))
+        assert FakeGraph.captured == 3 and len(graphed.steps) == 2  # the least recently used graph was let go
+        assert torch.equal(graphed(*calls[0]), outputs[0])
+        assert FakeGraph.captured == 4  # the guided shape had been let go: captured again
+
+
+def test_cuda_graphed_forward_runs_eagerly_when_capturing_fails(fake_cuda_graphs):
+    unet = randomize(tiny_unet(), 7)
+
+    def refuses_capture(sample, timestep, context):
+        if FakeGraph.capturing is not None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return noise_prediction(unet)(sample, timestep, context)
+
+    graphed = CudaGraphedForward(refuses_capture)
+    sample, context = torch.randn(2, 4, 3, 16, 16), torch.randn(2, 77, 32)
+    with torch.no_grad(), pytest.warns(UserWarning, match="running it eagerly"):
+        assert torch.equal(graphed(sample, 500, context), noise_prediction(unet)(sample, torch.tensor(500), context))
+    with torch.no_grad():
+        assert torch.equal(graphed(sample, 400, context), noise_prediction(unet)(sample, torch.tensor(400), context))
+    assert graphed.failed and FakeGraph.captured == 1  # not tried again
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU; the tests above check the "
+                    "wrapper's logic on the CPU")
+def test_cuda_graphs_give_the_eager_frames_on_a_gpu(tiny_model_dir):
+    pipeline = vidsynth.load(str(tiny_model_dir), device="cuda", dtype="float32")
+    assert isinstance(pipeline.unet_forward, CudaGraphedForward)
+    settings = dict(frames=3, height=32, width=32, steps=4, seed=4, guidance_fraction=0.5, progress=False)
+    graphed = pipeline("a red circle", **settings).frames
+    assert len(pipeline.unet_forward.steps) == 2 and not pipeline.unet_forward.failed  # guided and unguided steps
+    again = pipeline("a red circle", **settings).frames
+    pipeline.unet_forward = None
+    eager = pipeline("a red circle", **settings).frames
+    assert np.array_equal(graphed, again)
+    assert np.abs(graphed.astype(int) - eager).max() <= 1
 
 
 glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",

@@ -9,23 +9,29 @@ because no library offers it for UNet3DConditionModel. `interval=1` is the plain
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from diffusers import UNet3DConditionModel
 
 
+def noise_prediction(unet) -> Callable[..., torch.Tensor]:
+    """The UNet (or a compiled one) as `forward(sample, timestep, context) -> noise`."""
+    return lambda sample, timestep, context: unet(sample, timestep, encoder_hidden_states=context).sample
+
+
 class DeepFeatureCache:
     def __init__(self, unet: UNet3DConditionModel, interval: int, plain_forward=None):
-        """`plain_forward` (default: the UNet itself, e.g. a compiled UNet) runs the steps when caching is off."""
+        """`plain_forward(sample, timestep, context) -> noise` (default: the UNet's own forward; or a compiled or
+        graphed one) runs the steps when caching is off."""
         self.unet, self.interval = unet, interval
-        self.plain_forward = plain_forward if plain_forward is not None else unet
+        self.plain_forward = plain_forward if plain_forward is not None else noise_prediction(unet)
         self.deep: Optional[torch.Tensor] = None
         self.step = 0
 
     def __call__(self, sample: torch.Tensor, timestep, context: torch.Tensor) -> torch.Tensor:
         if self.interval <= 1:
-            return self.plain_forward(sample, timestep, encoder_hidden_states=context).sample
+            return self.plain_forward(sample, timestep, context)
         full = self.deep is None or self.step % self.interval == 0
         self.step += 1
         if full:

@@ -17,9 +17,10 @@ from diffusers.models import Transformer2DModel, TransformerTemporalModel
 
 from . import __version__
 from .attention import text_attention_per_video
-from .caching import DeepFeatureCache
+from .caching import DeepFeatureCache, noise_prediction
 from .convolution import cpu_convolutions
 from .cpu_memory import freed_memory_reused
+from .cuda_graphs import CudaGraphedForward
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import NumericalError, RequestError
 from .events import Callback, Event, emit
@@ -69,14 +70,14 @@ def compile_unet(unet: torch.nn.Module, device: torch.device) -> Callable:
     UNet's weights must not change after the first call."""
     if device.type == "cuda":
         return torch.compile(unet, mode="reduce-overhead", dynamic=False)
-    import torch._inductor.config  # inductor is heavy to import: only when compiling
+    from torch._inductor import config as inductor_config  # inductor is heavy to import: only when compiling
 
     compiled = torch.compile(unet, dynamic=False)
 
     def with_frozen_weights(*args, **kwargs):
         # Compilation happens inside the call; torch.compile's `options={"freezing": True}` does not reach inductor's
         # freezing pass (torch 2.13), a config patch around the call does.
-        with torch._inductor.config.patch(freezing=True):
+        with inductor_config.patch(freezing=True):
             return compiled(*args, **kwargs)
     return with_frozen_weights
 
@@ -107,7 +108,15 @@ class Pipeline:
         elif self.offload == "none":
             for module in self.models:
                 module.to(device)
-        self.compiled_unet = compile_unet(components.unet, device) if compile else None
+        self.compiled = compile
+        # The UNet's forward for the plain steps: compiled, or on CUDA replayed from CUDA graphs of its eager kernels
+        # (not with offloading, which moves the weights a graph points to).
+        if compile:
+            self.unet_forward = noise_prediction(compile_unet(components.unet, device))
+        elif device.type == "cuda" and self.offload == "none":
+            self.unet_forward = CudaGraphedForward(noise_prediction(components.unet))
+        else:
+            self.unet_forward = None
 
     @property
     def name(self) -> str:
@@ -183,7 +192,7 @@ class Pipeline:
     def denoise(self, latents: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
                 request: GenerationRequest, generator: torch.Generator, on_step) -> torch.Tensor:
         # Deep-feature reuse runs parts of the UNet by hand, so it always runs them uncompiled.
-        unet = DeepFeatureCache(self.components.unet, request.cache_interval, self.compiled_unet)
+        unet = DeepFeatureCache(self.components.unet, request.cache_interval, self.unet_forward)
         scheduler = make_scheduler(request.scheduler, self.components.schedule)
         scheduler.set_timesteps(request.steps, device=self.device)
         step_options = self._step_options(scheduler, request.eta, generator)
@@ -192,13 +201,13 @@ class Pipeline:
         # Latents stay float32 between steps so half-precision models do not accumulate rounding in the sampler.
         latents = latents.to(self.device) * scheduler.init_noise_sigma
         # Not Winograd in a compiled UNet: freezing would fold the transformed weights into constants, 4x the 3x3 ones.
-        winograd = self.compiled_unet is None or request.cache_interval > 1
+        winograd = not self.compiled or request.cache_interval > 1
         on_cpu = self.device.type == "cpu"
         with (self._using(self.components.unet), text_attention_per_video(self.components.unet, latents.shape[2]),
               cpu_convolutions(self.components.unet, winograd) if on_cpu else contextlib.nullcontext(),
               freed_memory_reused() if on_cpu else contextlib.nullcontext()):
             for step, t in enumerate(scheduler.timesteps):
-                if self.compiled_unet is not None and self.device.type == "cuda":
+                if self.compiled and self.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed
                 guided = step < guided_steps
                 model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
