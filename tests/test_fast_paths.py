@@ -64,6 +64,25 @@ def test_winograd_convolution_gives_conv2d_results(input_shape, kernel):
                 (winograd - direct).abs().max()
 
 
+@pytest.mark.parametrize("kernel", [(5, 8, 3, 3), (4, 8, 3, 1)])
+def test_winograd_convolution_of_many_images_runs_in_passes_with_the_one_pass_result(kernel, monkeypatch):
+    generator = torch.Generator().manual_seed(1)
+    input, weight = torch.randn(5, 8, 10, 9, generator=generator), torch.randn(kernel, generator=generator)
+    bias = torch.randn(kernel[0], generator=generator)
+    one_pass = winograd_conv2d(input, weight, bias)
+    passes = []
+    real_pass = convolution._tiles_into
+    monkeypatch.setattr(convolution, "_tiles_into", lambda output, *args: passes.append(len(output)) or
+                        real_pass(output, *args))
+    one_image_tiles = 36 * 8 * 3 * 3 * 4 if kernel[3] == 3 else 6 * 8 * 3 * 9 * 4  # elements x channels x tiles x 4 B
+    monkeypatch.setattr(convolution, "TILES_BUDGET_BYTES", 2 * one_image_tiles)
+    several = winograd_conv2d(input, weight, bias)
+    assert passes == [2, 2, 1]
+    assert torch.allclose(several, one_pass, rtol=0, atol=1e-5 * one_pass.abs().max())  # bmm blocks differ: rounding
+    direct = torch.nn.functional.conv2d(input, weight, bias, padding=(kernel[2] // 2, kernel[3] // 2))
+    assert torch.allclose(several, direct, rtol=0, atol=1e-5 * direct.abs().max())
+
+
 @pytest.mark.parametrize("winograd", [True, False])
 def test_cpu_convolutions_give_the_plain_unet_result(winograd, monkeypatch):
     monkeypatch.setattr(convolution, "WINOGRAD_MIN_CHANNELS", 1)  # the tiny UNet's layers are narrower than the bar
@@ -310,3 +329,17 @@ def test_denoising_on_the_cpu_reuses_freed_memory(tiny_pipeline):
 
     tiny_pipeline("a red circle", frames=2, height=32, width=32, steps=2, seed=0, callback=measure)
     assert faults and faults[0] < PAGES // 100
+
+
+@glibc_only
+def test_denoising_with_forward_chunking_hands_freed_memory_back(tiny_model_dir):
+    low_memory = vidsynth.load(str(tiny_model_dir), device="cpu", dtype="float32", forward_chunking=True)
+    faults = []
+
+    def measure(event):
+        if event.phase == "denoise" and event.step == 1:
+            fill_and_free(3)  # as in the test above, where the blocks after these reuse their memory
+            faults.append(faults_while(lambda: fill_and_free(4)))
+
+    low_memory("a red circle", frames=2, height=32, width=32, steps=2, seed=0, callback=measure)
+    assert faults and faults[0] > PAGES  # every block arrived as fresh pages

@@ -34,6 +34,8 @@ F_4_3 = (
 ONE_TAP = ([[1]], [[1]], [[1]])  # an axis the kernel does not span: each output is its own tile
 TILE = {3: 4, 1: 1}  # outputs per tile along an axis, by kernel taps along it
 WINOGRAD_MIN_CHANNELS = 256
+# At the default video no layer's tiles exceed ~290 MB, so it runs in one pass; long videos' layers run in several.
+TILES_BUDGET_BYTES = 512 * 2**20
 
 
 @functools.cache
@@ -49,26 +51,42 @@ def _transforms(taps: tuple[int, int], dtype: torch.dtype, device: torch.device)
 
 def winograd_conv2d(input: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
     """`F.conv2d(input, weight, bias, padding=same)` for a (3, 3), (3, 1) or (1, 3) kernel, in Winograd's F(4, 3).
-    For inference (no autograd): the tiles are written straight into a contiguous output."""
+    For inference (no autograd): the tiles are written straight into a contiguous output, a few images at a time so
+    that the transformed tiles (2.25x the images' size, held twice) stay under TILES_BUDGET_BYTES."""
     taps = tuple(weight.shape[2:])
     input_transform, filter_transform, output_transform = _transforms(taps, input.dtype, input.device)
     batch, channels, height, width = input.shape
-    out_channels, elements = weight.shape[0], input_transform.shape[0]
-    (tile_h, tile_w), (span_h, span_w) = (TILE[t] for t in taps), (TILE[t] + t - 1 for t in taps)
+    elements = input_transform.shape[0]
+    tile_h, tile_w = (TILE[t] for t in taps)
     rows, cols = -(-height // tile_h), -(-width // tile_w)
     # Zeros on the far sides make whole tiles; the convolution below pads the near sides itself.
     if rows * tile_h > height or cols * tile_w > width:
         input = F.pad(input, (0, cols * tile_w - width, 0, rows * tile_h - height))
+    transformed_weight = torch.mm(filter_transform, weight.reshape(-1, taps[0] * taps[1]).T)
+    output = input.new_empty(batch, weight.shape[0], rows * tile_h, cols * tile_w)
+    images_per_pass = max(1, TILES_BUDGET_BYTES // (elements * channels * rows * cols * input.element_size()))
+    for first in range(0, batch, images_per_pass):
+        images = slice(first, first + images_per_pass)
+        _tiles_into(output[images], input[images], transformed_weight, bias, taps, input_transform, output_transform)
+    return output[:, :, :height, :width]
 
+
+def _tiles_into(output: torch.Tensor, input: torch.Tensor, transformed_weight: torch.Tensor, bias, taps,
+                input_transform: torch.Tensor, output_transform: torch.Tensor) -> None:
+    """Winograd's convolution of whole-tile `input` images, written into `output` (contiguous, the same images)."""
+    batch, channels, height, width = input.shape
+    out_channels, elements = output.shape[1], input_transform.shape[0]
+    (tile_h, tile_w), (span_h, span_w) = (TILE[t] for t in taps), (TILE[t] + t - 1 for t in taps)
+    rows, cols = height // tile_h, width // tile_w
     # Gathering the overlapping tiles and transforming them is one strided convolution of every channel alone with
     # the input transform's rows as kernels: 3-4x faster than copying the tiles out, whose innermost stride is a tile.
-    tiles = F.conv2d(input.reshape(batch * channels, 1, rows * tile_h, cols * tile_w),
+    tiles = F.conv2d(input.reshape(batch * channels, 1, height, width),
                      input_transform.view(elements, 1, span_h, span_w), stride=(tile_h, tile_w),
                      padding=(taps[0] // 2, taps[1] // 2))
     # (tile element, channel, tile): the products are then one batched matrix product
     tiles = tiles.view(batch, channels, elements, rows * cols).permute(2, 1, 0, 3).reshape(elements, channels, -1)
-    transformed_weight = torch.mm(filter_transform, weight.reshape(-1, taps[0] * taps[1]).T)
     products = torch.bmm(transformed_weight.view(elements, out_channels, channels), tiles).view(elements, -1)
+    del tiles  # before the way back, which makes copies of its own
 
     # Back from the transform domain, ordered so that the copy into the output reads runs of adjacent pixels: rows of
     # tiles where a tile is one pixel wide (temporal), each tile's own outputs otherwise (1.4-1.8x faster there).
@@ -78,13 +96,11 @@ def winograd_conv2d(input: torch.Tensor, weight: torch.Tensor, bias) -> torch.Te
     else:
         out_tiles = (products.T @ output_transform.T).view(out_channels, batch, rows, cols, tile_h, tile_w)
         out_tiles = out_tiles.permute(1, 0, 2, 4, 3, 5)
-    output = input.new_empty(batch, out_channels, rows * tile_h, cols * tile_w)
     in_place = output.view(batch, out_channels, rows, tile_h, cols, tile_w)
     if bias is None:
         in_place.copy_(out_tiles)
     else:
         torch.add(out_tiles, bias.view(1, -1, 1, 1, 1, 1), out=in_place)
-    return output[:, :, :height, :width]
 
 
 def winograd_pays(input: torch.Tensor, weight: torch.Tensor) -> bool:

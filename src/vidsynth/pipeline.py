@@ -101,6 +101,9 @@ class Pipeline:
                 module.to(dtype=dtype)
         if forward_chunking:
             feed_forward_one_frame_at_a_time(components.unet)
+        # Forward chunking is the low-memory mode: there the CPU also hands freed memory back between steps, since the
+        # reused heap fragments by gigabytes on long videos (+2.7 GiB at 64 frames 256x256, BENCHMARKS.md).
+        self.reuse_freed_memory = device.type == "cpu" and not forward_chunking
         if self.offload == "sequential":
             from accelerate import cpu_offload
             for module in self.models:
@@ -205,7 +208,7 @@ class Pipeline:
         on_cpu = self.device.type == "cpu"
         with (self._using(self.components.unet), text_attention_per_video(self.components.unet, latents.shape[2]),
               cpu_convolutions(self.components.unet, winograd) if on_cpu else contextlib.nullcontext(),
-              freed_memory_reused() if on_cpu else contextlib.nullcontext()):
+              freed_memory_reused() if self.reuse_freed_memory else contextlib.nullcontext()):
             for step, t in enumerate(scheduler.timesteps):
                 if self.compiled and self.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed
