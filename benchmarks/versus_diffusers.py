@@ -2,8 +2,9 @@
 
 Both pipelines share one set of modules (UNet, VAE, text encoder, tokenizer) in one dtype on one device, use DDIM
 with ModelScope's schedule, the same seed (CPU generator), steps, guidance, frames and size. One warm-up run each
-(reported apart), then alternating timed runs. Phases are timed by hooks on the shared modules, so both sides are
-measured the same way. Prints a Markdown table and writes JSON.
+(reported apart), then alternating timed runs. Text encoding and decoding are timed by hooks on the shared modules
+and denoising is the rest of the run, so both sides are measured the same way. Prints a Markdown table and writes
+JSON.
 
     python benchmarks/versus_diffusers.py                      # full-size ms-1.7b configuration, random weights
     python benchmarks/versus_diffusers.py --model ms-1.7b      # any --model reference
