@@ -1,15 +1,21 @@
 """Peak memory of long and large videos with the full-size configuration, and what chunking saves.
 
 One denoising step per configuration (peak memory does not grow with steps), chunked VAE decode (8 frames at a
-time, always on), with and without forward chunking. CPU: peak RSS; CUDA: torch.cuda.max_memory_allocated.
+time, always on), with and without forward chunking. Each configuration runs in a fresh process, as a server or a
+CLI run would: what one leaves in the C library's heap would otherwise change the next one's figure. Reported per
+configuration: memory with the weights loaded, the peak while generating and what stays after it (CPU: resident set
+size and its peak; CUDA: torch.cuda.memory_allocated and max_memory_allocated).
 
-    python benchmarks/memory.py [--device auto] [--dtype auto]
+    python benchmarks/memory.py [--device auto] [--dtype auto] [--chunking both]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
+import subprocess
 import sys
 import time
 from datetime import date
@@ -25,37 +31,60 @@ CASES = [("64 frames 256x256", dict(frames=64, height=256, width=256)),
          ("24 frames 576x320 (ZeroScope size)", dict(frames=24, height=320, width=576))]
 
 
+def memory_now_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated() / 2**30
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 2**20
+
+
+def run_case(case: int, chunking: bool, device_name: str, dtype_name_: str) -> dict:
+    """One configuration in this process; memory figures in GiB."""
+    from vidsynth.devices import resolve_device, resolve_dtype
+    from vidsynth.pipeline import Pipeline
+
+    device = resolve_device(device_name)
+    dtype = resolve_dtype(dtype_name_, device)
+    pipeline = Pipeline(full_size_components(dtype), device, dtype, forward_chunking=chunking)
+    size = CASES[case][1]
+    loaded = memory_now_gib(device)
+    reset_peak_memory(device)
+    started = time.perf_counter()
+    video = pipeline("A car flying in space.", steps=1, seed=0, progress=False, **size)
+    seconds = time.perf_counter() - started
+    assert video.frames.shape == (size["frames"], size["height"], size["width"], 3)
+    return dict(loaded=loaded, peak=peak_memory_gib(device), after=memory_now_gib(device), seconds=seconds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--chunking", choices=("off", "on", "both"), default="both",
                         help="forward chunking (feed-forward layers one frame at a time)")
+    parser.add_argument("--case", type=int, help=argparse.SUPPRESS)  # the child process's one configuration
     args = parser.parse_args()
-    from vidsynth.devices import dtype_name, resolve_device, resolve_dtype
-    from vidsynth.pipeline import Pipeline
+    if args.case is not None:
+        print(json.dumps(run_case(args.case, args.chunking == "on", args.device, args.dtype)))
+        return
 
+    from vidsynth.devices import dtype_name, resolve_device, resolve_dtype
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    components = full_size_components(dtype)
-    reset_peak_memory(device)
-    for module in (components.unet, components.vae, components.text_encoder):
-        module.to(device)  # where each pipeline below keeps them, so that this figure is the weights alone
-    weights = peak_memory_gib(device)
     print(f"Command: `python benchmarks/memory.py {' '.join(sys.argv[1:])}`  ")
     print(f"Machine: {torch.cuda.get_device_name() if device.type == 'cuda' else f'{cpu_name()}, {os.cpu_count()} cores'}, "
           f"torch {torch.__version__}; date {date.today()}. ms-1.7b configuration, random weights, "
-          f"{dtype_name(dtype)}, 1 DDIM step, guidance 9; weights and process alone: {weights:.2f} GiB.\n")
-    print("| video | forward chunking | peak memory (GiB) | seconds (1 step, decode) |\n|---|---|---|---|", flush=True)
-    for chunking in {"off": (False,), "on": (True,), "both": (False, True)}[args.chunking]:
-        pipeline = Pipeline(components, device, dtype, forward_chunking=chunking)
-        for name, size in CASES:
-            reset_peak_memory(device)
-            started = time.perf_counter()
-            video = pipeline("A car flying in space.", steps=1, seed=0, progress=False, **size)
-            assert video.frames.shape == (size["frames"], size["height"], size["width"], 3)
-            print(f"| {name} | {'on' if chunking else 'off'} | {peak_memory_gib(device):.2f} | "
-                  f"{time.perf_counter() - started:.0f} |", flush=True)
+          f"{dtype_name(dtype)}, 1 DDIM step, guidance 9; each row in a fresh process.\n")
+    print("| video | forward chunking | weights loaded (GiB) | peak (GiB) | after the video (GiB) "
+          "| seconds (1 step, decode) |\n|---|---|---|---|---|---|", flush=True)
+    for chunking in {"off": ("off",), "on": ("on",), "both": ("off", "on")}[args.chunking]:
+        for case, (name, _) in enumerate(CASES):
+            child = subprocess.run(
+                [sys.executable, __file__, "--case", str(case), "--chunking", chunking, "--device", args.device,
+                 "--dtype", args.dtype], check=True, stdout=subprocess.PIPE, text=True)
+            row = json.loads(child.stdout.strip().splitlines()[-1])
+            print(f"| {name} | {chunking} | {row['loaded']:.2f} | {row['peak']:.2f} | {row['after']:.2f} | "
+                  f"{row['seconds']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -332,6 +332,28 @@ def test_denoising_on_the_cpu_reuses_freed_memory(tiny_pipeline):
 
 
 @glibc_only
+def test_a_generation_on_the_cpu_leaves_no_free_memory_resident(tiny_pipeline):
+    piece = 64 * 2**10  # under glibc's mmap threshold: served from the heap
+    pinned = []
+
+    def heap_pieces():
+        return [torch.ones(piece // 4) for _ in range(BLOCK // piece)]
+
+    def fill_the_heap_as_decoding_does(event):
+        if event.phase == "denoise" and event.step == 1:
+            pieces = heap_pieces()
+            pinned.append(torch.ones(piece // 4))  # above them, so the heap cannot shrink back over them
+            del pieces
+        elif event.phase == "decode" and event.step == 1:
+            heap_pieces()  # after the reuse block: the heap's free memory, paged back in and freed again
+
+    before = resident_bytes()
+    tiny_pipeline("a red circle", frames=2, height=32, width=32, steps=2, seed=0, callback=fill_the_heap_as_decoding_does)
+    assert pinned
+    assert resident_bytes() - before < BLOCK // 4
+
+
+@glibc_only
 def test_denoising_with_forward_chunking_hands_freed_memory_back(tiny_model_dir):
     low_memory = vidsynth.load(str(tiny_model_dir), device="cpu", dtype="float32", forward_chunking=True)
     faults = []

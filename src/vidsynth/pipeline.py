@@ -19,7 +19,7 @@ from . import __version__
 from .attention import text_attention_per_video
 from .caching import DeepFeatureCache, noise_prediction
 from .convolution import cpu_convolutions
-from .cpu_memory import freed_memory_reused
+from .cpu_memory import free_memory_handed_back, freed_memory_reused
 from .cuda_graphs import CudaGraphedForward
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import NumericalError, RequestError
@@ -159,17 +159,18 @@ class Pipeline:
         emit(callback, Event("encode", 1, 1, 0, count))
 
         videos = []
-        for index in range(count):
-            prompt_index = index // request.num_videos
-            seed = request.seed + index
-            # One generator per video: the initial noise, then any noise a stochastic sampler draws.
-            generator = torch.Generator("cpu").manual_seed(seed)
-            noise = initial_noise(generator, request.frames, request.height // scale, request.width // scale)
-            latents = self.denoise(noise, positive[prompt_index:prompt_index + 1], negative, request, generator,
-                                   lambda k, n: emit(callback, Event("denoise", k, n, index, count)))
-            frames = self.decode(latents, lambda k, n: emit(callback, Event("decode", k, n, index, count)))
-            settings = self.settings_for(request, prompts[prompt_index], seed)
-            videos.append(Video(frames=frames, fps=request.fps, settings=settings))
+        with free_memory_handed_back() if self.device.type == "cpu" else contextlib.nullcontext():
+            for index in range(count):
+                prompt_index = index // request.num_videos
+                seed = request.seed + index
+                # One generator per video: the initial noise, then any noise a stochastic sampler draws.
+                generator = torch.Generator("cpu").manual_seed(seed)
+                noise = initial_noise(generator, request.frames, request.height // scale, request.width // scale)
+                latents = self.denoise(noise, positive[prompt_index:prompt_index + 1], negative, request, generator,
+                                       lambda k, n: emit(callback, Event("denoise", k, n, index, count)))
+                frames = self.decode(latents, lambda k, n: emit(callback, Event("decode", k, n, index, count)))
+                settings = self.settings_for(request, prompts[prompt_index], seed)
+                videos.append(Video(frames=frames, fps=request.fps, settings=settings))
         emit(callback, Event("done", 1, 1, count - 1, count))
         return videos
 
