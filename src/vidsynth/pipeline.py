@@ -102,7 +102,7 @@ class Pipeline:
         if forward_chunking:
             feed_forward_one_frame_at_a_time(components.unet)
         # Forward chunking is the low-memory mode: there the CPU also hands freed memory back between steps, since the
-        # reused heap fragments by gigabytes on long videos (+2.7 GiB at 64 frames 256x256, BENCHMARKS.md).
+        # reused heap fragments by gigabytes on long videos (3-6 GiB more at 64 frames 256x256, BENCHMARKS.md).
         self.reuse_freed_memory = device.type == "cpu" and not forward_chunking
         if self.offload == "sequential":
             from accelerate import cpu_offload
