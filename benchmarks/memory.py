@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -25,26 +24,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_name  # noqa: E402
-from versus_diffusers import full_size_components, peak_memory_gib, reset_peak_memory  # noqa: E402
+from versus_diffusers import full_size_components, memory_now_gib, peak_memory_gib, reset_peak_memory  # noqa: E402
 
 CASES = [("64 frames 256x256", dict(frames=64, height=256, width=256)),
          ("24 frames 576x320 (ZeroScope size)", dict(frames=24, height=320, width=576))]
 
 
-def memory_now_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated() / 2**30
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 2**20
-
-
-def run_case(case: int, chunking: bool, device_name: str, dtype_name_: str) -> dict:
+def run_case(case: int, chunking: bool, device_choice: str, dtype_choice: str) -> dict:
     """One configuration in this process; memory figures in GiB."""
     from vidsynth.devices import resolve_device, resolve_dtype
     from vidsynth.pipeline import Pipeline
 
-    device = resolve_device(device_name)
-    dtype = resolve_dtype(dtype_name_, device)
+    device = resolve_device(device_choice)
+    dtype = resolve_dtype(dtype_choice, device)
     pipeline = Pipeline(full_size_components(dtype), device, dtype, forward_chunking=chunking)
     size = CASES[case][1]
     loaded = memory_now_gib(device)

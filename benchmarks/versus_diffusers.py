@@ -106,8 +106,19 @@ def reset_peak_memory(device: torch.device) -> None:
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
+    return _resident_gib("VmHWM")
+
+
+def memory_now_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated() / 2**30
+    return _resident_gib("VmRSS")
+
+
+def _resident_gib(field: str) -> float:
+    """A Linux process's resident set size (VmRSS) or its peak (VmHWM)."""
     status = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 2**20
+    return int(re.search(rf"{field}:\s+(\d+)", status).group(1)) / 2**20
 
 
 def add_video_arguments(parser: argparse.ArgumentParser) -> None:

@@ -332,6 +332,20 @@ def test_denoising_on_the_cpu_reuses_freed_memory(tiny_pipeline):
 
 
 @glibc_only
+def test_denoising_with_forward_chunking_hands_freed_memory_back(tiny_model_dir):
+    low_memory = vidsynth.load(str(tiny_model_dir), device="cpu", dtype="float32", forward_chunking=True)
+    faults = []
+
+    def measure(event):
+        if event.phase == "denoise" and event.step == 1:
+            fill_and_free(3)  # as in the test above, where the blocks after these reuse their memory
+            faults.append(faults_while(lambda: fill_and_free(4)))
+
+    low_memory("a red circle", frames=2, height=32, width=32, steps=2, seed=0, callback=measure)
+    assert faults and faults[0] > PAGES  # every block arrived as fresh pages
+
+
+@glibc_only
 def test_a_generation_on_the_cpu_leaves_no_free_memory_resident(tiny_pipeline):
     piece = 64 * 2**10  # under glibc's mmap threshold: served from the heap
     pinned = []
@@ -351,17 +365,3 @@ def test_a_generation_on_the_cpu_leaves_no_free_memory_resident(tiny_pipeline):
     tiny_pipeline("a red circle", frames=2, height=32, width=32, steps=2, seed=0, callback=fill_the_heap_as_decoding_does)
     assert pinned
     assert resident_bytes() - before < BLOCK // 4
-
-
-@glibc_only
-def test_denoising_with_forward_chunking_hands_freed_memory_back(tiny_model_dir):
-    low_memory = vidsynth.load(str(tiny_model_dir), device="cpu", dtype="float32", forward_chunking=True)
-    faults = []
-
-    def measure(event):
-        if event.phase == "denoise" and event.step == 1:
-            fill_and_free(3)  # as in the test above, where the blocks after these reuse their memory
-            faults.append(faults_while(lambda: fill_and_free(4)))
-
-    low_memory("a red circle", frames=2, height=32, width=32, steps=2, seed=0, callback=measure)
-    assert faults and faults[0] > PAGES  # every block arrived as fresh pages

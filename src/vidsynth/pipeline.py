@@ -159,7 +159,7 @@ class Pipeline:
         emit(callback, Event("encode", 1, 1, 0, count))
 
         videos = []
-        with free_memory_handed_back() if self.device.type == "cpu" else contextlib.nullcontext():
+        with free_memory_handed_back():  # the host's heap, whatever the device
             for index in range(count):
                 prompt_index = index // request.num_videos
                 seed = request.seed + index
