@@ -49,7 +49,7 @@ def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     with torch.no_grad():
         for parameter in module.parameters():
             offset = 1.0 if id(parameter) in norm_weights else 0.0
-            parameter.copy_(offset + 0.05 * torch.randn(parameter.shape, generator=generator))
+            torch.randn(parameter.shape, generator=generator, out=parameter.data).mul_(0.05).add_(offset)
     return module.eval()
 
 

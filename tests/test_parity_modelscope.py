@@ -20,6 +20,17 @@ def converted(reference):
     return load_components(str(reference["folder"]))
 
 
+def test_loading_draws_no_initial_weights(reference):
+    """The modules are built empty and take the checkpoint's tensors: no random initialisation to throw away."""
+    torch.manual_seed(0)
+    untouched = torch.rand(8)
+    torch.manual_seed(0)
+    components = load_components(str(reference["folder"]))
+    assert torch.equal(torch.rand(8), untouched)
+    assert all(not tensor.is_meta for module in (components.unet, components.vae, components.text_encoder)
+               for tensor in [*module.parameters(), *module.buffers()])
+
+
 def test_tokenizer_matches_open_clip(converted):
     prompts = ["A car flying in space.", "Hello, WORLD!!  naive cafe 123", "", "a " * 100]
     expected = open_clip_tokenizer()(prompts, context_length=77)
