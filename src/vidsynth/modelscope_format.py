@@ -3,8 +3,9 @@
 The folder holds configuration.json and three pickled weight files; each is converted to the diffusers class of the
 same architecture (UNet3DConditionModel, AutoencoderKL, CLIPTextModel). Sizes come from configuration.json and the
 tensors' shapes, so narrower checkpoints of the same layout load too. Pickles load with weights_only=True only.
-Each module is built on the meta device and takes the checkpoint's tensors: drawing random initial weights only to
-overwrite them took 33-38 s for the 1.7B model's three modules on a 2-core CPU (against 1 s), and held a second copy.
+Each module is built on the meta device and takes the checkpoint's tensors: with random initial weights drawn only
+to be overwritten, loading the 1.7B model took 37-40 s on a 2-core CPU and peaked at twice the weights' memory
+(now 2 s; BENCHMARKS.md).
 """
 
 from __future__ import annotations
