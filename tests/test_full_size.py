@@ -24,7 +24,7 @@ SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3
 def test_full_size_model_converts_matches_and_runs_a_step():
     torch.manual_seed(0)
     cfg = MS_1_7B
-    with torch.device("meta"):  # built without its initial weights, which randomize() replaces (40 s of a 2-core CPU)
+    with torch.device("meta"):  # built without initial weights, which randomize() replaces (28 s on a 2-core CPU)
         reference = modelscope_module("unet_sd").UNetSD(
             in_dim=cfg["unet_in_dim"], dim=cfg["unet_dim"], y_dim=cfg["unet_y_dim"], context_dim=cfg["unet_context_dim"],
             out_dim=cfg["unet_out_dim"], dim_mult=cfg["unet_dim_mult"], num_heads=cfg["unet_num_heads"],
