@@ -6,10 +6,11 @@ guided ms-1.7b UNet forward at 8x128x128 makes 350-680k page faults and spends 1
 fresh tensor runs at a fifth of the speed of writing a reused one. Within `freed_memory_reused()` glibc serves every
 block from its heap and keeps freed ones for the next step; on leaving, the free memory goes back to the system and
 glibc's usual settings return. The heap fragments: at the default video the denoising peaks ~0.7 GiB higher, at
-64 frames 256x256 3-6 GiB, varying from run to run (BENCHMARKS.md), which is why the decoder, run once per video,
-is left out, and why the pipeline's low-memory mode (forward chunking) does without it. A caching allocator library
-(jemalloc, tcmalloc) would do the same but needs LD_PRELOAD; this needs only glibc's own `mallopt`, so elsewhere
-(macOS, musl) the block changes nothing.
+64 frames 256x256 3-6 GiB, varying from run to run (BENCHMARKS.md, with what was tried against it: one arena,
+trimming between the UNet's blocks), which is why the decoder, run once per video, is left out, and why the
+pipeline's low-memory mode (forward chunking) does without it. A caching allocator library (jemalloc, tcmalloc)
+would do the same but needs LD_PRELOAD; this needs only glibc's own `mallopt`, so elsewhere (macOS, musl) the block
+changes nothing.
 
 Memory freed in the heap after the block stays resident until trimmed: blocks under glibc's mmap threshold (which it
 raises up to 32 MB as big tensors come and go) are carved from the heap's free memory, decoding's among them. So the
