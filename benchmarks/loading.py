@@ -30,13 +30,9 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from machine import cpu_name  # noqa: E402
 from versus_diffusers import memory_now_gib, peak_memory_gib  # noqa: E402
 
-SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-          "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-
-
 def write_folder(folder: Path) -> None:
-    from reference_code import modelscope_module, open_clip_transformer
-    from vidsynth.modelscope_format import MS_1_7B as cfg
+    from reference_code import SD_VAE, modelscope_module, modelscope_unet, open_clip_transformer
+    from vidsynth.modelscope_format import MS_1_7B
 
     def filled(module: torch.nn.Module) -> dict:
         for parameter in module.parameters():
@@ -44,11 +40,7 @@ def write_folder(folder: Path) -> None:
         return module.state_dict()
 
     with torch.device("meta"):  # built empty: its initial weights would be overwritten anyway
-        unet = modelscope_module("unet_sd").UNetSD(
-            in_dim=cfg["unet_in_dim"], dim=cfg["unet_dim"], y_dim=cfg["unet_y_dim"], context_dim=cfg["unet_context_dim"],
-            out_dim=cfg["unet_out_dim"], dim_mult=cfg["unet_dim_mult"], num_heads=cfg["unet_num_heads"],
-            head_dim=cfg["unet_head_dim"], num_res_blocks=cfg["unet_res_blocks"], attn_scales=cfg["unet_attn_scales"],
-            dropout=cfg["unet_dropout"], temporal_attention=True)
+        unet = modelscope_unet(MS_1_7B)
     torch.save(filled(unet.to_empty(device="cpu")), folder / "text2video_pytorch_model.pth")
     del unet
     vae = modelscope_module("autoencoder").AutoencoderKL(SD_VAE, 4)
@@ -58,7 +50,7 @@ def write_folder(folder: Path) -> None:
     torch.save(filled(text), folder / "open_clip_pytorch_model.bin")
     (folder / "configuration.json").write_text(json.dumps({
         "framework": "pytorch", "task": "text-to-video-synthesis",
-        "model": {"type": "latent-text-to-video-synthesis", "model_cfg": cfg}}))
+        "model": {"type": "latent-text-to-video-synthesis", "model_cfg": MS_1_7B}}))
 
 
 def load_once(folder: Path) -> dict:

@@ -98,15 +98,10 @@ AE_CONFIG = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels":
 def modelscope_reference(tmp_path_factory):
     """ModelScope's modules with random weights, and the same weights saved as a ModelScope-layout folder."""
     folder = tmp_path_factory.mktemp("modelscope-layout")
-    from reference_code import modelscope_module, open_clip_transformer
-    unet_sd, autoencoder = modelscope_module("unet_sd"), modelscope_module("autoencoder")
+    from reference_code import modelscope_module, modelscope_unet, open_clip_transformer
     cfg = MODEL_CFG
-    unet = randomize(unet_sd.UNetSD(
-        in_dim=cfg["unet_in_dim"], dim=cfg["unet_dim"], y_dim=cfg["unet_y_dim"], context_dim=cfg["unet_context_dim"],
-        out_dim=cfg["unet_out_dim"], dim_mult=cfg["unet_dim_mult"], num_heads=cfg["unet_num_heads"],
-        head_dim=cfg["unet_head_dim"], num_res_blocks=cfg["unet_res_blocks"], attn_scales=cfg["unet_attn_scales"],
-        dropout=cfg["unet_dropout"], temporal_attention=True), 11)
-    vae = randomize(autoencoder.AutoencoderKL(AE_CONFIG, 4), 12)
+    unet = randomize(modelscope_unet(cfg), 11)
+    vae = randomize(modelscope_module("autoencoder").AutoencoderKL(AE_CONFIG, 4), 12)
     text = randomize(open_clip_transformer().TextTransformer(width=1024, heads=16, layers=2, output_dim=1024), 13)
 
     torch.save(unet.state_dict(), folder / "text2video_pytorch_model.pth")

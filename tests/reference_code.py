@@ -42,6 +42,20 @@ def modelscope_module(name: str):
     return _load_file(f"_modelscope_reference_{name}", folder / f"{name}.py")
 
 
+# The autoencoder of damo/text-to-video-synthesis (Stable Diffusion's KL-f8), as ModelScope's pipeline configures it.
+SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+          "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+
+
+def modelscope_unet(cfg: dict) -> torch.nn.Module:
+    """ModelScope's UNetSD built from a configuration.json model_cfg, as its pipeline builds it."""
+    return modelscope_module("unet_sd").UNetSD(
+        in_dim=cfg["unet_in_dim"], dim=cfg["unet_dim"], y_dim=cfg["unet_y_dim"], context_dim=cfg["unet_context_dim"],
+        out_dim=cfg["unet_out_dim"], dim_mult=cfg["unet_dim_mult"], num_heads=cfg["unet_num_heads"],
+        head_dim=cfg["unet_head_dim"], num_res_blocks=cfg["unet_res_blocks"], attn_scales=cfg["unet_attn_scales"],
+        dropout=cfg["unet_dropout"], temporal_attention=True)
+
+
 @lru_cache(maxsize=None)
 def open_clip_transformer():
     folder = _package_dir("open_clip")

@@ -9,34 +9,23 @@ import gc
 import torch
 
 from conftest import randomize
-from reference_code import modelscope_module, open_clip_transformer
+from reference_code import SD_VAE, modelscope_module, modelscope_unet, open_clip_transformer
 from vidsynth.devices import resolve_dtype
 from vidsynth.loading import Components
-from vidsynth.modelscope_format import (MS_1_7B, convert_unet_state, load_state, openclip_tokenizer, text_encoder_from_state,
-                                        unet_from_config, vae_from_state)
+from vidsynth.modelscope_format import (MS_1_7B, openclip_tokenizer, text_encoder_from_state, unet_from_state,
+                                        vae_from_state)
 from vidsynth.pipeline import Pipeline
 from vidsynth.request import ModelDefaults
-
-SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-          "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-
 
 def test_full_size_model_converts_matches_and_runs_a_step():
     torch.manual_seed(0)
     cfg = MS_1_7B
     with torch.device("meta"):  # built without initial weights, which randomize() replaces (28 s on a 2-core CPU)
-        reference = modelscope_module("unet_sd").UNetSD(
-            in_dim=cfg["unet_in_dim"], dim=cfg["unet_dim"], y_dim=cfg["unet_y_dim"], context_dim=cfg["unet_context_dim"],
-            out_dim=cfg["unet_out_dim"], dim_mult=cfg["unet_dim_mult"], num_heads=cfg["unet_num_heads"],
-            head_dim=cfg["unet_head_dim"], num_res_blocks=cfg["unet_res_blocks"], attn_scales=cfg["unet_attn_scales"],
-            dropout=cfg["unet_dropout"], temporal_attention=True)
+        reference = modelscope_unet(cfg)
     assert sum(p.numel() for p in reference.parameters()) == 1_411_233_860
     assert not list(reference.buffers())  # every tensor it holds is a parameter, so randomize() fills them all
     randomize(reference.to_empty(device="cpu"), 0)
-    with torch.device("meta"):  # no second 5.6 GB of random weights: the converted tensors are taken as they are
-        unet = unet_from_config(cfg)
-    load_state(unet, convert_unet_state(reference.state_dict(), unet), "UNet")
-    unet.eval()
+    unet = unet_from_state(cfg, reference.state_dict()).eval()
 
     x = torch.randn(1, 4, 2, 8, 8)
     context = torch.randn(1, 77, 1024)

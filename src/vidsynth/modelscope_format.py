@@ -166,6 +166,14 @@ _RESNET_RENAMES = {
 }
 
 
+def unet_from_state(model_cfg: dict, state: dict) -> UNet3DConditionModel:
+    """The UNet3DConditionModel of a configuration.json model_cfg, holding a ModelScope UNet state dict's weights."""
+    with torch.device("meta"):
+        unet = unet_from_config(model_cfg)
+    load_state(unet, convert_unet_state(state, unet), "UNet")
+    return unet
+
+
 def convert_unet_state(state: dict, unet: UNet3DConditionModel) -> dict:
     config = unet.config
     has_attention = [t.startswith("CrossAttn") for t in config.down_block_types]
@@ -289,11 +297,8 @@ def load_modelscope_components(folder: Path) -> dict:
     config = read_configuration(folder)
     files = {**DEFAULT_FILES, **{k: v for k, v in config["model"].get("model_args", {}).items() if k in DEFAULT_FILES}}
 
-    with torch.device("meta"):
-        unet = unet_from_config(config["model"]["model_cfg"])
     unet_state = load_pickle(folder / files["ckpt_unet"])
-    unet_state = unet_state.get("state_dict", unet_state)
-    load_state(unet, convert_unet_state(unet_state, unet), "UNet")
+    unet = unet_from_state(config["model"]["model_cfg"], unet_state.get("state_dict", unet_state))
 
     vae_state = load_pickle(folder / files["ckpt_autoencoder"])
     vae = vae_from_state(vae_state.get("state_dict", vae_state))
