@@ -1,7 +1,10 @@
 """One guided UNet forward of the full-size configuration under each way of running it: time, peak memory and
-difference from diffusers' own eager forward, then where an eager forward's GPU time goes.
+difference from diffusers' own eager forward, then where an eager forward's GPU time goes, with and without
+channels-last convolution weights.
 
     python benchmarks/unet_variants.py                   # CUDA, float16, 16 frames 256x256 (32x32 latents)
+    python benchmarks/unet_variants.py --compiled        # also the torch.compile variants (minutes each)
+    python benchmarks/unet_variants.py --compiled --skip "3-D"    # leave out variants whose names contain this
     python benchmarks/unet_variants.py --device cpu --dtype float32 --frames 2 --size 8 --repeats 1
 """
 
@@ -11,6 +14,7 @@ import argparse
 import contextlib
 import sys
 import time
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -19,19 +23,30 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from versus_diffusers import full_size_components  # noqa: E402
 
-# name: (prompt projected once per video, cudnn.benchmark, temporal convolutions as 2-D, CUDA graph,
-#        convolution weights channels-last)
+
+@dataclass(frozen=True)
+class Variant:
+    per_video_text: bool = True  # the prompt projected once per video (vidsynth's attention processor)
+    cudnn_benchmark: bool = False
+    temporal_2d: bool = False  # temporal convolutions as 2-D ones
+    graph: bool = False  # replayed from a CUDA graph of the eager kernels
+    channels_last: bool = False  # convolution weights channels-last
+    compiled: bool = False  # torch.compile, reduce-overhead: inductor's kernels replayed from CUDA graphs
+
+
 VARIANTS = {
-    "diffusers' attention processors, eager": (False, False, False, False, False),
-    "vidsynth's text attention, eager": (True, False, False, False, False),
-    "+ cudnn.benchmark": (True, True, False, False, False),
-    "+ temporal convolutions as 2-D": (True, False, True, False, False),
-    "+ channels-last convolution weights": (True, False, False, False, True),
-    "+ CUDA graph (vidsynth's default on CUDA)": (True, False, False, True, False),
-    "+ CUDA graph + temporal 2-D": (True, False, True, True, False),
-    "+ CUDA graph + temporal 2-D + cudnn.benchmark": (True, True, True, True, False),
-    "+ CUDA graph + channels-last convolution weights": (True, False, False, True, True),
-    "diffusers' attention processors + CUDA graph": (False, False, False, True, False),
+    "diffusers' attention processors, eager": Variant(per_video_text=False),
+    "vidsynth's text attention, eager": Variant(),
+    "+ cudnn.benchmark": Variant(cudnn_benchmark=True),
+    "+ temporal convolutions as 2-D": Variant(temporal_2d=True),
+    "+ channels-last convolution weights": Variant(channels_last=True),
+    "+ CUDA graph (vidsynth's default on CUDA)": Variant(graph=True),
+    "+ CUDA graph + temporal 2-D": Variant(graph=True, temporal_2d=True),
+    "+ CUDA graph + channels-last convolution weights": Variant(graph=True, channels_last=True),
+    "+ CUDA graph + channels-last + temporal 2-D": Variant(graph=True, channels_last=True, temporal_2d=True),
+    "diffusers' attention processors + CUDA graph": Variant(per_video_text=False, graph=True),
+    "compiled, 3-D temporal convolutions": Variant(compiled=True),
+    "compiled + temporal 2-D (vidsynth's --compile on CUDA)": Variant(compiled=True, temporal_2d=True),
 }
 
 
@@ -52,6 +67,43 @@ def channels_last_convolutions(unet: torch.nn.Module):
             module.weight.data = weight
 
 
+def compiled_forward(unet: torch.nn.Module):
+    """A fresh torch.compile of the UNet as the pipeline compiles it on CUDA. Prints whether inductor's heuristic
+    stores the activations channels-last (it does so only around 2-D convolutions), then the first call's time."""
+    from torch._dynamo import reset
+    from torch._inductor.graph import GraphLowering
+
+    from vidsynth.caching import noise_prediction
+    from vidsynth.pipeline import compile_unet
+
+    reset()
+    forward = noise_prediction(compile_unet(unet, torch.device("cuda")))
+    decide = GraphLowering.decide_layout_opt
+
+    def reported(gm, *, is_inference):
+        verdict = decide(gm, is_inference=is_inference)
+        print(f"  inductor's layout heuristic: channels-last {'yes' if verdict else 'no'}", flush=True)
+        return verdict
+
+    first = [True]
+
+    def step(*inputs):
+        torch.compiler.cudagraph_mark_step_begin()
+        if not first[0]:
+            return forward(*inputs)
+        first[0] = False
+        started = time.perf_counter()
+        GraphLowering.decide_layout_opt = staticmethod(reported)
+        try:
+            out = forward(*inputs)
+        finally:
+            GraphLowering.decide_layout_opt = staticmethod(decide)
+        torch.cuda.synchronize()
+        print(f"  first call (compiling): {time.perf_counter() - started:.0f} s", flush=True)
+        return out
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda")
@@ -59,11 +111,14 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=32, help="latent height and width")
     parser.add_argument("--repeats", type=int, default=20, help="timed forwards per variant, after 3 warm-ups")
+    parser.add_argument("--compiled", action="store_true", help="also the torch.compile variants (CUDA only)")
+    parser.add_argument("--skip", action="append", default=[], help="leave out variants whose names contain this "
+                        "(repeatable); the first variant always runs, as the reference")
     args = parser.parse_args()
 
     from vidsynth.attention import text_attention_per_video
     from vidsynth.caching import noise_prediction
-    from vidsynth.convolution import cpu_convolutions
+    from vidsynth.convolution import rewritten_convolutions
     from vidsynth.cuda_graphs import CudaGraphedForward
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -73,6 +128,9 @@ def main() -> None:
     inputs = (torch.randn(2, 4, args.frames, args.size, args.size, generator=generator).to(device, dtype),
               torch.tensor(501, device=device), torch.randn(2, 77, 1024, generator=generator).to(device, dtype))
     plain = noise_prediction(unet)
+    names = list(VARIANTS)
+    chosen = [name for name in names if (args.compiled and cuda) or not VARIANTS[name].compiled]
+    chosen = [name for name in chosen if name == names[0] or not any(part in name for part in args.skip)]
 
     def sync():
         if cuda:
@@ -94,33 +152,41 @@ def main() -> None:
     reference = None
     previous_benchmark = torch.backends.cudnn.benchmark
     with torch.inference_mode():
-        for name, (per_video, benchmark, temporal_2d, graph, channels_last) in VARIANTS.items():
+        for name in chosen:
+            variant = VARIANTS[name]
             with contextlib.ExitStack() as stack:
-                if channels_last:
+                if variant.channels_last:
                     stack.enter_context(channels_last_convolutions(unet))
-                if per_video:
+                if variant.per_video_text:
                     stack.enter_context(text_attention_per_video(unet, args.frames))
-                if temporal_2d:
-                    stack.enter_context(cpu_convolutions(unet, winograd=False))
-                torch.backends.cudnn.benchmark = benchmark
+                if variant.temporal_2d:
+                    stack.enter_context(rewritten_convolutions(unet, winograd=False))
+                torch.backends.cudnn.benchmark = variant.cudnn_benchmark
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
-                ms, out = timed(CudaGraphedForward(plain) if graph else plain)
+                if variant.compiled:
+                    forward = compiled_forward(unet)
+                else:
+                    forward = CudaGraphedForward(plain) if variant.graph else plain
+                ms, out = timed(forward)
+                del forward
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
             reference = out if reference is None else reference
             print(f"| {name} | {ms:.1f} | {peak:.2f} | {(out - reference).abs().max():.1e} "
                   f"(output std {reference.std():.3f}) |", flush=True)
         torch.backends.cudnn.benchmark = previous_benchmark
         if cuda:
-            profile_eager(unet, plain, inputs, args.frames)
+            for channels_last in (False, True):
+                profile_eager(unet, plain, inputs, args.frames, channels_last)
 
 
-def profile_eager(unet, plain, inputs, frames: int) -> None:
+def profile_eager(unet, plain, inputs, frames: int, channels_last: bool) -> None:
     """How long the CPU takes to launch an eager forward against how long its kernels run, and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     from vidsynth.attention import text_attention_per_video
-    with text_attention_per_video(unet, frames):
+    with (text_attention_per_video(unet, frames),
+          channels_last_convolutions(unet) if channels_last else contextlib.nullcontext()):
         plain(*inputs)
         torch.cuda.synchronize()
         started = time.perf_counter()
@@ -133,9 +199,9 @@ def profile_eager(unet, plain, inputs, frames: int) -> None:
             torch.cuda.synchronize()
     kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.device_time for e in kernels) / 1000
-    print(f"\neager forward: {launched * 1000:.1f} ms to launch on the CPU, {done * 1000:.1f} ms until done; "
-          f"{len(kernels)} kernels, {busy:.1f} ms of GPU time\n")
-    print(profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=18))
+    print(f"\neager forward{', channels-last convolution weights' if channels_last else ''}: {launched * 1000:.1f} ms "
+          f"to launch on the CPU, {done * 1000:.1f} ms until done; {len(kernels)} kernels, {busy:.1f} ms of GPU time\n")
+    print(profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=70))
 
 
 if __name__ == "__main__":

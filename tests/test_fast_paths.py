@@ -17,11 +17,11 @@ from conftest import randomize, tiny_unet
 from vidsynth.attention import text_attention_per_video
 from vidsynth.caching import noise_prediction
 from vidsynth import convolution
-from vidsynth.convolution import (TemporalConvAs2d, Winograd3x3, WinogradTemporal, cpu_convolutions,
+from vidsynth.convolution import (TemporalConvAs2d, Winograd3x3, WinogradTemporal, rewritten_convolutions,
                                   winograd_conv2d)
 from vidsynth.cpu_memory import freed_memory_reused
 from vidsynth.cuda_graphs import CudaGraphedForward
-from vidsynth.pipeline import compile_unet
+from vidsynth.pipeline import compile_unet, convolution_rewrites
 
 
 def test_text_attention_per_video_gives_the_plain_result_with_one_projection_per_video():
@@ -84,7 +84,7 @@ def test_winograd_convolution_of_many_images_runs_in_passes_with_the_one_pass_re
 
 
 @pytest.mark.parametrize("winograd", [True, False])
-def test_cpu_convolutions_give_the_plain_unet_result(winograd, monkeypatch):
+def test_rewritten_convolutions_give_the_plain_unet_result(winograd, monkeypatch):
     monkeypatch.setattr(convolution, "WINOGRAD_MIN_CHANNELS", 1)  # the tiny UNet's layers are narrower than the bar
     unet = randomize(tiny_unet(), 6)
     sample, context = torch.randn(2, 4, 5, 16, 16), torch.randn(2, 77, 32)
@@ -105,8 +105,8 @@ def test_cpu_convolutions_give_the_plain_unet_result(winograd, monkeypatch):
             conv2d_kernels.append(tuple(weight.shape[-2:]))
             return real_conv2d(input, weight, *args, **kwargs)
 
-        with (cpu_convolutions(unet, winograd), unittest.mock.patch.object(convolution, "winograd_conv2d",
-                                                                           counting_winograd),
+        with (rewritten_convolutions(unet, winograd),
+              unittest.mock.patch.object(convolution, "winograd_conv2d", counting_winograd),
               unittest.mock.patch("torch.nn.functional.conv2d", counting_conv2d)):
             assert all(type(m) is (WinogradTemporal if winograd else TemporalConvAs2d) for m in temporal)
             assert all(type(m) is (Winograd3x3 if winograd else torch.nn.Conv2d) for m in spatial)
@@ -129,7 +129,7 @@ def test_winograd_layers_leave_other_cases_to_the_direct_convolution(dtype, side
     input = torch.randn(1, channels, side, side, dtype=dtype)
     with torch.no_grad():
         direct = layer(input)
-        with cpu_convolutions(layer):
+        with rewritten_convolutions(layer):
             assert type(layer) is Winograd3x3
             assert torch.equal(layer(input), direct)
         winograd = winograd_conv2d(input.float(), layer.weight.float(), layer.bias.float())
@@ -171,6 +171,15 @@ def test_compiling_for_cuda_asks_torch_compile_for_cuda_graphs(monkeypatch):
     unet = tiny_unet()
     assert compile_unet(unet, torch.device("cuda")) is unet
     assert requests == [{"mode": "reduce-overhead", "dynamic": False}]
+
+
+def test_convolution_rewrites_by_device_and_compiling():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert convolution_rewrites(cpu, compiled=False, cache_interval=1) == (True, True)
+    assert convolution_rewrites(cpu, compiled=True, cache_interval=1) == (True, False)  # weights frozen as they are
+    assert convolution_rewrites(cpu, compiled=True, cache_interval=2) == (True, True)  # deep-feature reuse: uncompiled
+    assert convolution_rewrites(cuda, compiled=False, cache_interval=1) == (False, False)
+    assert convolution_rewrites(cuda, compiled=True, cache_interval=1) == (True, False)  # channels-last throughout
 
 
 @pytest.mark.skipif(not os.environ.get("VIDSYNTH_SLOW"), reason="compiles with inductor, minutes on 2 cores: "

@@ -1,7 +1,9 @@
-"""The UNet's convolutions on the CPU: temporal ones as 2-D convolutions, and in Winograd's algorithm.
+"""The UNet's convolutions rewritten: temporal ones as 2-D convolutions, and on the CPU in Winograd's algorithm.
 
 Temporal (3, 1, 1) convolutions run as (3, 1) 2-D convolutions over a (batch, channels, frames, pixels) view: on the
-CPU PyTorch runs 3-D convolutions in a generic kernel, 1.1-1.4x slower than oneDNN's 2-D one.
+CPU PyTorch runs 3-D convolutions in a generic kernel, 1.1-1.4x slower than oneDNN's 2-D one; in a UNet compiled for
+CUDA, inductor keeps the activations channels-last only around 2-D convolutions (the pipeline decides where each
+applies: `convolution_rewrites`).
 
 In float32 both those and the 3x3 convolutions run in Winograd's minimal filtering algorithm, F(4, 3) along every
 3-tap axis (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016): 4 outputs from a 6-sample
@@ -153,7 +155,7 @@ def is_3x3(conv: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def cpu_convolutions(unet: torch.nn.Module, winograd: bool = True):
+def rewritten_convolutions(unet: torch.nn.Module, winograd: bool = True):
     """Within the block, the UNet's temporal convolutions run as 2-D ones and, with `winograd`, they and its 3x3
     convolutions run in Winograd's algorithm (float32 inputs of at least a tile)."""
     def fast_class(module):

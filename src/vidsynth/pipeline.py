@@ -18,7 +18,7 @@ from diffusers.models import Transformer2DModel, TransformerTemporalModel
 from . import __version__
 from .attention import text_attention_per_video
 from .caching import DeepFeatureCache, noise_prediction
-from .convolution import cpu_convolutions
+from .convolution import rewritten_convolutions
 from .cpu_memory import free_memory_handed_back, freed_memory_reused
 from .cuda_graphs import CudaGraphedForward
 from .devices import dtype_name, resolve_device, resolve_dtype
@@ -80,6 +80,19 @@ def compile_unet(unet: torch.nn.Module, device: torch.device) -> Callable:
         with inductor_config.patch(freezing=True):
             return compiled(*args, **kwargs)
     return with_frozen_weights
+
+
+def convolution_rewrites(device: torch.device, compiled: bool, cache_interval: int) -> tuple[bool, bool]:
+    """Whether a denoising run's temporal convolutions run as 2-D ones, and whether in Winograd's algorithm.
+
+    On the CPU both (faster there, BENCHMARKS.md), except Winograd in a compiled UNet: freezing would fold the
+    transformed weights into constants, 4x the 3x3 ones (deep-feature reuse runs uncompiled). On CUDA only in a
+    compiled UNet: inductor stores activations channels-last only around 2-D convolutions, so with 3-D temporal ones
+    the layout would change back and forth; eagerly on CUDA 2-D temporal convolutions gained nothing.
+    """
+    if device.type == "cpu":
+        return True, not compiled or cache_interval > 1
+    return compiled, False
 
 
 class Pipeline:
@@ -198,24 +211,26 @@ class Pipeline:
         # Deep-feature reuse runs parts of the UNet by hand, so it always runs them uncompiled.
         unet = DeepFeatureCache(self.components.unet, request.cache_interval, self.unet_forward)
         scheduler = make_scheduler(request.scheduler, self.components.schedule)
-        scheduler.set_timesteps(request.steps, device=self.device)
+        # The schedule stays on the CPU, where the sampler reads it: a timestep on the GPU indexing the scheduler's
+        # tables makes the CPU wait for the GPU at every step, and the GPU then idles while the CPU prepares the next
+        # step (8 ms a step for the compiled UNet on an H200, BENCHMARKS.md).
+        scheduler.set_timesteps(request.steps)
+        unet_timesteps = scheduler.timesteps.to(self.device)
         step_options = self._step_options(scheduler, request.eta, generator)
         guided_steps = math.ceil(len(scheduler.timesteps) * request.guidance_fraction) if request.guidance != 1.0 else 0
         both = torch.cat([negative, positive])
         # Latents stay float32 between steps so half-precision models do not accumulate rounding in the sampler.
         latents = latents.to(self.device) * scheduler.init_noise_sigma
-        # Not Winograd in a compiled UNet: freezing would fold the transformed weights into constants, 4x the 3x3 ones.
-        winograd = not self.compiled or request.cache_interval > 1
-        on_cpu = self.device.type == "cpu"
+        temporal_2d, winograd = convolution_rewrites(self.device, self.compiled, request.cache_interval)
         with (self._using(self.components.unet), text_attention_per_video(self.components.unet, latents.shape[2]),
-              cpu_convolutions(self.components.unet, winograd) if on_cpu else contextlib.nullcontext(),
+              rewritten_convolutions(self.components.unet, winograd) if temporal_2d else contextlib.nullcontext(),
               freed_memory_reused() if self.reuse_freed_memory else contextlib.nullcontext()):
             for step, t in enumerate(scheduler.timesteps):
                 if self.compiled and self.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed
                 guided = step < guided_steps
                 model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
-                noise = unet(model_input.to(self.dtype), t, both if guided else positive).float()
+                noise = unet(model_input.to(self.dtype), unet_timesteps[step], both if guided else positive).float()
                 if guided:
                     unconditional, conditional = noise.chunk(2)
                     noise = unconditional + request.guidance * (conditional - unconditional)
