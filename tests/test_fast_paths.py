@@ -1,15 +1,19 @@
 """Fast paths that must not change the result beyond rounding: the prompt's keys and values once per video, Winograd
-convolutions on the CPU, the compiled UNet, CUDA graphs; and freed memory reused while denoising on the CPU."""
+convolutions on the CPU, the compiled UNet, CUDA graphs; and on the CPU freed memory reused while denoising, or the
+low-memory mode when a video would not fit."""
 
 import contextlib
+import functools
 import os
 import platform
 import resource
 import unittest.mock
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 
 import vidsynth
@@ -19,9 +23,10 @@ from vidsynth.caching import noise_prediction
 from vidsynth import convolution
 from vidsynth.convolution import (TemporalConvAs2d, Winograd3x3, WinogradTemporal, rewritten_convolutions,
                                   winograd_conv2d)
-from vidsynth.cpu_memory import freed_memory_reused
+from vidsynth import cpu_memory, pipeline as pipeline_module
+from vidsynth.cpu_memory import available_memory_bytes, freed_memory_reused
 from vidsynth.cuda_graphs import CudaGraphedForward
-from vidsynth.pipeline import compile_unet, convolution_rewrites
+from vidsynth.pipeline import compile_unet, convolution_rewrites, denoising_memory_bytes
 
 
 def test_text_attention_per_video_gives_the_plain_result_with_one_projection_per_video():
@@ -374,3 +379,65 @@ def test_a_generation_on_the_cpu_leaves_no_free_memory_resident(tiny_pipeline):
     tiny_pipeline("a red circle", frames=2, height=32, width=32, steps=2, seed=0, callback=fill_the_heap_as_decoding_does)
     assert pinned
     assert resident_bytes() - before < BLOCK // 4
+
+
+def test_available_memory_is_read_from_the_system():
+    available = available_memory_bytes()
+    if platform.system() != "Linux":
+        assert available is None
+        return
+    total = int(open("/proc/meminfo").read().split("MemTotal:")[1].split()[0]) * 1024
+    assert 0 < available <= total
+
+
+def test_memory_room_is_the_least_a_cgroup_or_its_ancestors_leave(tmp_path):
+    def group(path, limit, usage, inactive):
+        folder = tmp_path / path
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "memory.limit_in_bytes").write_text(f"{limit}\n")
+        (folder / "memory.usage_in_bytes").write_text(f"{usage}\n")
+        (folder / "memory.stat").write_text(f"cache 5\ninactive_file 1\ntotal_inactive_file {inactive}\n")
+
+    unlimited = 9223372036854771712  # how cgroup v1 writes "no limit"
+    group(".", unlimited, 900, 0)
+    group("service", 1000, 700, 100)  # 1000 - (700 - 100) = 400 left
+    group("service/job", unlimited, 300, 0)
+    headroom = functools.partial(cpu_memory._cgroup_headroom, tmp_path, limit_file="memory.limit_in_bytes",
+                                 usage_file="memory.usage_in_bytes", inactive_key="total_inactive_file")
+    assert headroom("/service/job") == 400  # the parent's limit binds
+    group("service/job", 350, 300, 50)
+    assert headroom("/service/job") == 100
+    assert headroom("/") is None  # nothing limited
+
+
+def test_the_low_memory_mode_is_chosen_by_the_memory_a_video_needs(tiny_model_dir, monkeypatch):
+    automatic = vidsynth.load(str(tiny_model_dir), device="cpu", dtype="float32")
+    low_memory = vidsynth.load(str(tiny_model_dir), device="cpu", dtype="float32", forward_chunking=True)
+    default = vidsynth.load(str(tiny_model_dir), device="cpu", dtype="float32", forward_chunking=False)
+    heap_reused, feed_forward_rows = [], []
+    real_reuse = pipeline_module.freed_memory_reused
+    monkeypatch.setattr(pipeline_module, "freed_memory_reused", lambda: heap_reused.append(True) or real_reuse())
+    blocks = [m for m in automatic.components.unet.modules() if isinstance(m, BasicTransformerBlock)]
+    for block in blocks:
+        block.ff.register_forward_hook(lambda _, args, __: feed_forward_rows.append(tuple(args[0].shape[:2])))
+    frames, side, settings = 3, 32, dict(height=32, width=32, steps=2, seed=2, progress=False)
+    latent = side // automatic.components.vae_scale_factor
+    need = denoising_memory_bytes(automatic.components.unet.config, frames, latent, latent, 2, torch.float32)
+
+    def made_with(available, pipeline=automatic):
+        heap_reused.clear(), feed_forward_rows.clear()
+        monkeypatch.setattr(pipeline_module, "available_memory_bytes", lambda: available)
+        return pipeline("a red circle", frames=frames, **settings).frames
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        roomy = made_with(need)  # it just fits: the default mode
+        assert heap_reused and all(1 not in rows for rows in feed_forward_rows)
+        assert np.array_equal(made_with(0, default), roomy)  # chosen explicitly: the default mode whatever is free
+        assert heap_reused
+    with pytest.warns(UserWarning, match="low-memory mode"):
+        tight = made_with(need - 1)
+    assert not heap_reused and feed_forward_rows and all(1 in rows for rows in feed_forward_rows)
+    assert np.array_equal(tight, made_with(2**50, low_memory))  # chosen explicitly: low-memory whatever is free
+    assert all(block._chunk_size is None for block in blocks)  # whole feed-forward calls again after the video
+    assert np.abs(tight.astype(int) - roomy).max() <= 1  # chunked products add in another order

@@ -193,8 +193,9 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     parser.add_argument("--offload", default="none", choices=OFFLOAD_MODES,
                         help="keep weights on the CPU and move them to the GPU as needed (for small GPUs)")
-    parser.add_argument("--forward-chunking", action="store_true", help="low-memory mode: feed-forward layers one "
-                        "frame at a time, and on the CPU freed memory handed back between steps (slower)")
+    parser.add_argument("--forward-chunking", action=argparse.BooleanOptionalAction, default=None,
+                        help="low-memory mode: feed-forward layers one frame at a time, and on the CPU freed memory "
+                        "handed back between steps (slower). Default: on the CPU when a video would not fit otherwise")
     parser.add_argument("--compile", action="store_true", help="compile the UNet with torch.compile (CUDA: with CUDA "
                         "graphs); the first video of each shape pays the compile time")
 

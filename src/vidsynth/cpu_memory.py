@@ -26,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import platform
+import re
 import threading
+from pathlib import Path
 from typing import Optional
 
 # mallopt parameters and glibc's defaults for them (malloc.h)
@@ -77,3 +79,50 @@ def free_memory_handed_back():
         with _lock:
             if libc is not None and _holders == 0:
                 libc.malloc_trim(0)
+
+
+def available_memory_bytes() -> Optional[int]:
+    """What this process can still fill without swapping or meeting a memory limit (Linux): the kernel's MemAvailable,
+    less the file pages this process keeps resident (MemAvailable counts them as reclaimable, but evicting mapped
+    weights would only make them fault back in), and no more than its cgroups' limits leave. None where unknown."""
+    try:
+        available = _kib_field(Path("/proc/meminfo").read_text(), "MemAvailable")
+        available -= _kib_field(Path("/proc/self/status").read_text(), "RssFile")
+        memberships = Path("/proc/self/cgroup").read_text().splitlines()
+    except (OSError, AttributeError):
+        return None
+    for line in memberships:
+        _, controllers, group = line.split(":", 2)
+        if controllers == "":  # cgroup v2
+            headroom = _cgroup_headroom(Path("/sys/fs/cgroup"), group, "memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):  # cgroup v1
+            headroom = _cgroup_headroom(Path("/sys/fs/cgroup/memory"), group, "memory.limit_in_bytes",
+                                        "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        if headroom is not None:
+            available = min(available, headroom)
+    return max(available, 0)
+
+
+def _cgroup_headroom(root: Path, group: str, limit_file: str, usage_file: str, inactive_key: str) -> Optional[int]:
+    """The least room under the limits of a cgroup and its ancestors (usage counts page cache; its inactive part is
+    reclaimed before the limit bites), or None if none is limited or readable."""
+    folder, headroom = root / group.lstrip("/"), None
+    while True:
+        try:
+            limit = (folder / limit_file).read_text().strip()
+            if limit != "max" and int(limit) < 2**60:  # v1 writes "no limit" as a huge number
+                stat = (folder / "memory.stat").read_text()
+                inactive = re.search(rf"^{inactive_key} (\d+)$", stat, re.MULTILINE)
+                used = int((folder / usage_file).read_text()) - (int(inactive.group(1)) if inactive else 0)
+                headroom = min(headroom if headroom is not None else 2**63, int(limit) - used)
+        except (OSError, ValueError):
+            pass
+        if folder == root or root not in folder.parents:
+            return headroom
+        folder = folder.parent
+
+
+def _kib_field(text: str, name: str) -> int:
+    return int(re.search(rf"^{name}:\s+(\d+) kB", text, re.MULTILINE).group(1)) * 1024

@@ -19,7 +19,7 @@ from . import __version__
 from .attention import text_attention_per_video
 from .caching import DeepFeatureCache, noise_prediction
 from .convolution import rewritten_convolutions
-from .cpu_memory import free_memory_handed_back, freed_memory_reused
+from .cpu_memory import available_memory_bytes, free_memory_handed_back, freed_memory_reused
 from .cuda_graphs import CudaGraphedForward
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import NumericalError, RequestError
@@ -31,11 +31,16 @@ from .video import Video
 
 OFFLOAD_MODES = ("none", "model", "sequential")
 LATENT_CHANNELS = 4
+# ms-1.7b in float32 on the CPU held 2.6 GiB beyond its weights at 16 frames 256x256 and 7.2-10.0 GiB at 64 frames
+# 256x256 and at 24 frames 576x320 (BENCHMARKS.md, "Long and large videos"): 44-67 bytes per unit of
+# `denoising_memory_bytes`, rounded up since the reused heap's fragmentation varies from run to run.
+DENOISING_BYTES_PER_UNIT = 70
 
 
 def load(model: Optional[str] = None, *, device: str = "auto", dtype: str = "auto", offload: str = "none",
-         forward_chunking: bool = False, compile: bool = False, decode_chunk: int = 8) -> "Pipeline":
-    """Load a model (alias, folder or hub id; the shipped model when None) ready to generate."""
+         forward_chunking: Optional[bool] = None, compile: bool = False, decode_chunk: int = 8) -> "Pipeline":
+    """Load a model (alias, folder or hub id; the shipped model when None) ready to generate. `forward_chunking`:
+    the low-memory mode on (True), off (False) or, on the CPU, chosen per video by the memory it needs (None)."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     components = load_components(model, dtype=torch_dtype)
@@ -49,18 +54,33 @@ def initial_noise(generator: torch.Generator, frames: int, latent_height: int, l
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
-def feed_forward_one_frame_at_a_time(unet: torch.nn.Module) -> None:
-    """Each feed-forward call sees one frame's tokens, so its 4x-wide intermediate is one frame's, not the batch's.
+@contextlib.contextmanager
+def feed_forward_one_frame_at_a_time(unet: torch.nn.Module):
+    """Within the block each feed-forward call sees one frame's tokens, so its 4x-wide intermediate is one frame's,
+    not the batch's.
 
     diffusers' `enable_forward_chunking` takes one axis for all blocks; the axis that holds frames differs between
     spatial blocks (frames x tokens) and temporal blocks (pixels x frames), and chunking over tokens (its documented
     setting for this model) makes thousands of tiny calls per layer.
     """
-    for module in unet.modules():
-        if isinstance(module, (Transformer2DModel, TransformerTemporalModel)):
-            frame_axis = 1 if isinstance(module, TransformerTemporalModel) else 0
-            for block in module.transformer_blocks:
-                block.set_chunk_feed_forward(chunk_size=1, dim=frame_axis)
+    blocks = [(block, 1 if isinstance(module, TransformerTemporalModel) else 0) for module in unet.modules()
+              if isinstance(module, (Transformer2DModel, TransformerTemporalModel))
+              for block in module.transformer_blocks]
+    for block, frame_axis in blocks:
+        block.set_chunk_feed_forward(chunk_size=1, dim=frame_axis)
+    try:
+        yield
+    finally:
+        for block, _ in blocks:
+            block.set_chunk_feed_forward(chunk_size=None)
+
+
+def denoising_memory_bytes(unet_config, frames: int, latent_height: int, latent_width: int, batch: int,
+                           dtype: torch.dtype) -> int:
+    """About how much a denoising step on the CPU holds beyond the weights in the default mode (reused heap, whole
+    feed-forward layers): proportional to the latent voxels, the batch, the dtype's size and the UNet's width."""
+    units = frames * latent_height * latent_width * batch * dtype.itemsize * unet_config.block_out_channels[0]
+    return DENOISING_BYTES_PER_UNIT * units
 
 
 def compile_unet(unet: torch.nn.Module, device: torch.device) -> Callable:
@@ -97,7 +117,7 @@ def convolution_rewrites(device: torch.device, compiled: bool, cache_interval: i
 
 class Pipeline:
     def __init__(self, components: Components, device: torch.device, dtype: torch.dtype, *, offload: str = "none",
-                 forward_chunking: bool = False, compile: bool = False, decode_chunk: int = 8):
+                 forward_chunking: Optional[bool] = None, compile: bool = False, decode_chunk: int = 8):
         if offload not in OFFLOAD_MODES:
             raise RequestError("offload", f"unknown offload mode {offload!r}; choose from {', '.join(OFFLOAD_MODES)}")
         if decode_chunk < 1:
@@ -112,11 +132,7 @@ class Pipeline:
         for module in self.models:
             if next(module.parameters()).dtype != dtype:  # converted checkpoints arrive in float32
                 module.to(dtype=dtype)
-        if forward_chunking:
-            feed_forward_one_frame_at_a_time(components.unet)
-        # Forward chunking is the low-memory mode: there the CPU also hands freed memory back between steps, since the
-        # reused heap fragments by gigabytes on long videos (3-6 GiB more at 64 frames 256x256, BENCHMARKS.md).
-        self.reuse_freed_memory = device.type == "cpu" and not forward_chunking
+        self.forward_chunking = forward_chunking
         if self.offload == "sequential":
             from accelerate import cpu_offload
             for module in self.models:
@@ -222,9 +238,11 @@ class Pipeline:
         # Latents stay float32 between steps so half-precision models do not accumulate rounding in the sampler.
         latents = latents.to(self.device) * scheduler.init_noise_sigma
         temporal_2d, winograd = convolution_rewrites(self.device, self.compiled, request.cache_interval)
+        low_memory = self.low_memory_mode(latents.shape, batch=2 if guided_steps else 1)
         with (self._using(self.components.unet), text_attention_per_video(self.components.unet, latents.shape[2]),
               rewritten_convolutions(self.components.unet, winograd) if temporal_2d else contextlib.nullcontext(),
-              freed_memory_reused() if self.reuse_freed_memory else contextlib.nullcontext()):
+              feed_forward_one_frame_at_a_time(self.components.unet) if low_memory else contextlib.nullcontext(),
+              freed_memory_reused() if self.device.type == "cpu" and not low_memory else contextlib.nullcontext()):
             for step, t in enumerate(scheduler.timesteps):
                 if self.compiled and self.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed
@@ -270,6 +288,24 @@ class Pipeline:
         }
 
     # ------------------------------------------------------------------------------------------------------ helpers
+
+    def low_memory_mode(self, latent_shape: tuple[int, ...], batch: int) -> bool:
+        """Whether to denoise in the low-memory mode: feed-forward layers one frame at a time and, on the CPU, freed
+        memory handed back rather than reused (the reused heap fragments by gigabytes on long videos: 1.3-1.6x
+        faster, up to 6 GiB more at 64 frames 256x256, BENCHMARKS.md). Chosen by `forward_chunking`, or when that is
+        None, on the CPU, by whether the default mode's estimated need fits in the memory available."""
+        if self.forward_chunking is not None or self.device.type != "cpu":
+            return bool(self.forward_chunking)
+        _, _, frames, latent_height, latent_width = latent_shape
+        need = denoising_memory_bytes(self.components.unet.config, frames, latent_height, latent_width, batch,
+                                      self.dtype)
+        available = available_memory_bytes()
+        if available is None or need <= available:
+            return False
+        warnings.warn(f"this video needs about {need / 2**30:.1f} GiB beyond the weights and {available / 2**30:.1f} "
+                      f"GiB is available: denoising in the low-memory mode (slower; --forward-chunking or "
+                      f"--no-forward-chunking choose the mode yourself)", stacklevel=2)
+        return True
 
     @contextlib.contextmanager
     def _using(self, module: torch.nn.Module):
