@@ -53,8 +53,9 @@ VARIANTS = {
 @contextlib.contextmanager
 def channels_last_convolutions(unet: torch.nn.Module):
     """Convolution weights in channels-last layout, so that the activations follow and cuDNN's NHWC kernels need no
-    layout conversion per call (8.5 of an eager forward's 55 ms of kernels were NCHW->NHWC conversions on an H200);
-    whether the group norms between convert back is what this variant measures."""
+    layout conversion per call (8.5 of an eager forward's 55 ms of kernels were NCHW->NHWC conversions on an H200).
+    The group norms between convert back (PyTorch's group norm on CUDA takes contiguous tensors), so eagerly the
+    conversions only move: the profile printed last shows them as copies."""
     convolutions = [m for m in unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
     originals = [m.weight.data for m in convolutions]
     for module in convolutions:

@@ -10,6 +10,7 @@ JSON.
     python benchmarks/versus_diffusers.py --model ms-1.7b      # any --model reference
     python benchmarks/versus_diffusers.py --frames 8 --steps 3 --runs 2 --json out.json
     python benchmarks/versus_diffusers.py --device cuda --dtype float16 --compile   # GPU fast path
+    python benchmarks/versus_diffusers.py --model vidsynth-tiny --dtype float16 --reference-dtype float32
 """
 
 from __future__ import annotations
@@ -144,8 +145,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed runs of each pipeline")
     parser.add_argument("--compile", action="store_true", help="vidsynth with --compile (its compile time is in the "
                         "warm-up run)")
+    parser.add_argument("--reference-dtype", help="with --model: also make the video once with vidsynth in this dtype "
+                        "(float32) and report how far each pipeline's video is from it")
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
+    if args.reference_dtype and not args.model:
+        parser.error("--reference-dtype needs --model (random weights drawn in another dtype would differ)")
 
     from diffusers import DDIMScheduler, TextToVideoSDPipeline
 
@@ -198,6 +203,14 @@ def main() -> None:
 
     differences = np.abs(outputs["vidsynth"].astype(int) - outputs["diffusers"])
     difference, mean_difference = int(differences.max()), float(differences.mean())
+    from_reference = {}
+    if args.reference_dtype:
+        reference_dtype = resolve_dtype(args.reference_dtype, device)
+        reference = Pipeline(components_for(args, reference_dtype, device), device, reference_dtype)
+        frames = reference(prompt, seed=seed, scheduler="ddim", progress=False, **settings).frames
+        for name, made in outputs.items():
+            away = np.abs(made.astype(int) - frames)
+            from_reference[name] = {"max": int(away.max()), "mean": float(away.mean())}
     summary = {name: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
                for name, runs in results.items()}
     summary["ratio_total"] = summary["vidsynth"]["total"] / summary["diffusers"]["total"]
@@ -216,6 +229,7 @@ def main() -> None:
               "results": results, "median": summary, "max_pixel_difference": difference,
               "mean_pixel_difference": mean_difference,
               "mean_pixel_value": {name: float(frames.mean()) for name, frames in outputs.items()},
+              "difference_from_reference": {"dtype": args.reference_dtype, **from_reference},
               "command": "python benchmarks/versus_diffusers.py " + " ".join(sys.argv[1:])}
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
@@ -232,6 +246,9 @@ def main() -> None:
     print(f"| warm-up total (s) | {warmup['vidsynth']['total']:.3f} | {warmup['diffusers']['total']:.3f} | |")
     print(f"\npixel difference between the two videos: max {difference}/255, mean {mean_difference:.2f}/255 "
           f"(mean pixel value: vidsynth {outputs['vidsynth'].mean():.1f}, diffusers {outputs['diffusers'].mean():.1f})")
+    for name, away in from_reference.items():
+        print(f"{name}: video against vidsynth's in {args.reference_dtype}: max {away['max']}/255, "
+              f"mean {away['mean']:.2f}/255")
 
 
 if __name__ == "__main__":
