@@ -136,3 +136,15 @@ def test_models_lists_the_aliases(capsys):
     rows = {row["alias"]: row for row in json.loads(capsys.readouterr().out)}
     assert {"vidsynth-tiny", "ms-1.7b", "zeroscope-576w", "zeroscope-xl"} <= set(rows)
     assert rows["zeroscope-576w"]["defaults"]["width"] == 576
+
+
+@pytest.mark.parametrize("flags, chunking", [([], None), (["--forward-chunking"], True),
+                                             (["--no-forward-chunking"], False)])
+def test_forward_chunking_flags_reach_the_pipeline(flags, chunking, tiny_model_dir, tmp_path, monkeypatch):
+    import vidsynth.pipeline
+    made = []
+    real_pipeline = vidsynth.pipeline.Pipeline
+    monkeypatch.setattr(vidsynth.pipeline, "Pipeline", lambda *a, **options: made.append(options) or real_pipeline(
+        *a, **options))
+    assert main(["generate", "x", "--model", str(tiny_model_dir), "-o", str(tmp_path / "x.npy"), *SMALL, *flags]) == 0
+    assert [options["forward_chunking"] for options in made] == [chunking]
