@@ -30,6 +30,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from machine import cpu_name  # noqa: E402
 from versus_diffusers import memory_now_gib, peak_memory_gib  # noqa: E402
 
+
 def write_folder(folder: Path) -> None:
     from reference_code import SD_VAE, modelscope_module, modelscope_unet, open_clip_transformer
     from vidsynth.modelscope_format import MS_1_7B

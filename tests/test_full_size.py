@@ -17,6 +17,7 @@ from vidsynth.modelscope_format import (MS_1_7B, openclip_tokenizer, text_encode
 from vidsynth.pipeline import Pipeline
 from vidsynth.request import ModelDefaults
 
+
 def test_full_size_model_converts_matches_and_runs_a_step():
     torch.manual_seed(0)
     cfg = MS_1_7B

@@ -108,20 +108,19 @@ def available_memory_bytes() -> Optional[int]:
 def _cgroup_headroom(root: Path, group: str, limit_file: str, usage_file: str, inactive_key: str) -> Optional[int]:
     """The least room under the limits of a cgroup and its ancestors (usage counts page cache; its inactive part is
     reclaimed before the limit bites), or None if none is limited or readable."""
-    folder, headroom = root / group.lstrip("/"), None
-    while True:
+    own = root / group.lstrip("/")
+    rooms = []
+    for folder in [own, *own.parents[:len(own.relative_to(root).parts)]]:
         try:
             limit = (folder / limit_file).read_text().strip()
             if limit != "max" and int(limit) < 2**60:  # v1 writes "no limit" as a huge number
                 stat = (folder / "memory.stat").read_text()
                 inactive = re.search(rf"^{inactive_key} (\d+)$", stat, re.MULTILINE)
                 used = int((folder / usage_file).read_text()) - (int(inactive.group(1)) if inactive else 0)
-                headroom = min(headroom if headroom is not None else 2**63, int(limit) - used)
+                rooms.append(int(limit) - used)
         except (OSError, ValueError):
             pass
-        if folder == root or root not in folder.parents:
-            return headroom
-        folder = folder.parent
+    return min(rooms, default=None)
 
 
 def _kib_field(text: str, name: str) -> int:
