@@ -21,12 +21,12 @@ from conftest import randomize, tiny_unet
 from vidsynth.attention import text_attention_per_video
 from vidsynth.caching import noise_prediction
 from vidsynth import convolution
-from vidsynth.convolution import (TemporalConvAs2d, Winograd3x3, WinogradTemporal, rewritten_convolutions,
+from vidsynth.convolution import (TemporalConvAs2d, Winograd3x3, WinogradTemporal, is_3x3, rewritten_convolutions,
                                   winograd_conv2d)
 from vidsynth import cpu_memory, pipeline as pipeline_module
 from vidsynth.cpu_memory import available_memory_bytes, freed_memory_reused
 from vidsynth.cuda_graphs import CudaGraphedForward
-from vidsynth.pipeline import compile_unet, convolution_rewrites, denoising_memory_bytes
+from vidsynth.pipeline import compile_unet, convolution_rewrites, denoising_memory_bytes, frames_per_decode
 
 
 def test_text_attention_per_video_gives_the_plain_result_with_one_projection_per_video():
@@ -122,6 +122,40 @@ def test_rewritten_convolutions_give_the_plain_unet_result(winograd, monkeypatch
         assert not winograd_kernels and conv2d_kernels.count((3, 1)) == len(temporal)
     assert all(type(m) is torch.nn.Conv2d for m in spatial) and all(type(m) is torch.nn.Conv3d for m in temporal)
     assert torch.allclose(fast, plain, rtol=0, atol=1e-4 * plain.abs().max()), (fast - plain).abs().max()
+
+
+def test_decoding_on_the_cpu_runs_winograd_convolutions_with_the_plain_frames(tiny_pipeline, monkeypatch):
+    monkeypatch.setattr(convolution, "WINOGRAD_MIN_CHANNELS", 1)  # the tiny VAE's layers are narrower than the bar
+    vae = tiny_pipeline.components.vae
+    latents = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = vae.decode(latents[0].transpose(0, 1) / vae.config.scaling_factor).sample
+    plain = ((plain + 1) / 2).clamp(0, 1).mul(255).round().permute(0, 2, 3, 1).numpy()
+    spatial = [m for m in vae.decoder.modules() if is_3x3(m)]
+    winograd_kernels, chunks = [], []
+    real_winograd = convolution.winograd_conv2d
+
+    def counting_winograd(input, weight, bias):
+        winograd_kernels.append(tuple(weight.shape[-2:]))
+        return real_winograd(input, weight, bias)
+
+    with unittest.mock.patch.object(convolution, "winograd_conv2d", counting_winograd):
+        fast = tiny_pipeline.decode(latents, lambda k, n: chunks.append((k, n)))
+    assert chunks == [(1, 1)]  # three 16x16 frames fit in one chunk on the CPU
+    assert spatial and winograd_kernels == [(3, 3)] * len(spatial)  # every 3x3 layer ran in Winograd's algorithm
+    assert all(type(m) is torch.nn.Conv2d for m in spatial)  # restored after decoding
+    assert fast.shape == plain.shape and np.abs(fast.astype(int) - plain).max() <= 1
+
+
+def test_the_cpu_decodes_a_pixel_budget_at_a_time_other_devices_8_frames(tiny_model_dir):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [frames_per_decode(cpu, h, w) for h, w in [(256, 256), (320, 576), (64, 64), (2048, 2048)]] == [2, 1, 32, 1]
+    assert frames_per_decode(cuda, 256, 256) == frames_per_decode(cuda, 64, 64) == 8
+    chunks = []
+    told = vidsynth.load(str(tiny_model_dir), device="cpu", dtype="float32", decode_chunk=2)
+    told("a red circle", frames=5, height=32, width=32, steps=1, seed=0, callback=lambda event: chunks.append(
+        (event.step, event.total)) if event.phase == "decode" and event.step else None)
+    assert chunks == [(1, 3), (2, 3), (3, 3)]
 
 
 @pytest.mark.parametrize("dtype, side, channels", [
@@ -346,6 +380,21 @@ def test_denoising_on_the_cpu_reuses_freed_memory(tiny_pipeline):
 
 
 @glibc_only
+@pytest.mark.parametrize("forward_chunking", [None, True])
+def test_decoding_on_the_cpu_reuses_freed_memory_in_either_mode(tiny_model_dir, forward_chunking):
+    pipeline = vidsynth.load(str(tiny_model_dir), device="cpu", dtype="float32", forward_chunking=forward_chunking)
+    faults = []
+
+    def measure(event):
+        if event.phase == "decode" and event.step == 1:
+            fill_and_free(3)
+            faults.append(faults_while(lambda: fill_and_free(4)))
+
+    pipeline("a red circle", frames=2, height=32, width=32, steps=1, seed=0, callback=measure)
+    assert faults and faults[0] < PAGES // 100
+
+
+@glibc_only
 def test_denoising_with_forward_chunking_hands_freed_memory_back(tiny_model_dir):
     low_memory = vidsynth.load(str(tiny_model_dir), device="cpu", dtype="float32", forward_chunking=True)
     faults = []
@@ -373,7 +422,7 @@ def test_a_generation_on_the_cpu_leaves_no_free_memory_resident(tiny_pipeline):
             pinned.append(torch.ones(piece // 4))  # above them, so the heap cannot shrink back over them
             del pieces
         elif event.phase == "decode" and event.step == 1:
-            heap_pieces()  # after the reuse block: the heap's free memory, paged back in and freed again
+            heap_pieces()  # the heap's free memory, paged back in and freed again
 
     before = resident_bytes()
     tiny_pipeline("a red circle", frames=2, height=32, width=32, steps=2, seed=0, callback=fill_the_heap_as_decoding_does)
@@ -432,12 +481,12 @@ def test_the_low_memory_mode_is_chosen_by_the_memory_a_video_needs(tiny_model_di
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         roomy = made_with(need)  # it just fits: the default mode
-        assert heap_reused and all(1 not in rows for rows in feed_forward_rows)
+        assert len(heap_reused) == 2 and all(1 not in rows for rows in feed_forward_rows)  # denoising and decoding
         assert np.array_equal(made_with(0, default), roomy)  # chosen explicitly: the default mode whatever is free
-        assert heap_reused
+        assert len(heap_reused) == 2
     with pytest.warns(UserWarning, match="low-memory mode"):
         tight = made_with(need - 1)
-    assert not heap_reused and feed_forward_rows and all(1 in rows for rows in feed_forward_rows)
+    assert len(heap_reused) == 1 and feed_forward_rows and all(1 in rows for rows in feed_forward_rows)  # decoding
     assert np.array_equal(tight, made_with(2**50, low_memory))  # chosen explicitly: low-memory whatever is free
     assert all(block._chunk_size is None for block in blocks)  # whole feed-forward calls again after the video
     assert np.abs(tight.astype(int) - roomy).max() <= 1  # chunked products add in another order

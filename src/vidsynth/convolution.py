@@ -1,4 +1,5 @@
-"""The UNet's convolutions rewritten: temporal ones as 2-D convolutions, and on the CPU in Winograd's algorithm.
+"""Convolutions rewritten: temporal ones as 2-D convolutions, and on the CPU in Winograd's algorithm (the UNet's, and
+the VAE decoder's 3x3 ones).
 
 Temporal (3, 1, 1) convolutions run as (3, 1) 2-D convolutions over a (batch, channels, frames, pixels) view: on the
 CPU PyTorch runs 3-D convolutions in a generic kernel, 1.1-1.4x slower than oneDNN's 2-D one; in a UNet compiled for
@@ -155,15 +156,15 @@ def is_3x3(conv: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def rewritten_convolutions(unet: torch.nn.Module, winograd: bool = True):
-    """Within the block, the UNet's temporal convolutions run as 2-D ones and, with `winograd`, they and its 3x3
+def rewritten_convolutions(model: torch.nn.Module, winograd: bool = True):
+    """Within the block, the model's temporal convolutions run as 2-D ones and, with `winograd`, they and its 3x3
     convolutions run in Winograd's algorithm (float32 inputs of at least a tile)."""
     def fast_class(module):
         if is_temporal(module):
             return WinogradTemporal if winograd else TemporalConvAs2d
         return Winograd3x3 if winograd and is_3x3(module) else None
 
-    swapped = [(module, fast_class(module)) for module in unet.modules() if fast_class(module)]
+    swapped = [(module, fast_class(module)) for module in model.modules() if fast_class(module)]
     originals = [type(module) for module, _ in swapped]
     for module, fast in swapped:
         module.__class__ = fast

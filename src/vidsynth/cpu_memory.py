@@ -1,4 +1,4 @@
-"""Freed memory is reused while the CPU denoises, rather than handed back to the kernel and refaulted at every step.
+"""Freed memory is reused while the CPU denoises and decodes, rather than handed back to the kernel and refaulted.
 
 PyTorch's CPU allocator takes every tensor from the C library's malloc. glibc serves large blocks with a fresh mmap
 and unmaps them on free, so each step's activations arrive as new pages that the kernel must fault in and zero: a
@@ -7,10 +7,11 @@ fresh tensor runs at a fifth of the speed of writing a reused one. Within `freed
 block from its heap and keeps freed ones for the next step; on leaving, the free memory goes back to the system and
 glibc's usual settings return. The heap fragments: at the default video the denoising peaks ~0.7 GiB higher, at
 64 frames 256x256 3-6 GiB, varying from run to run (BENCHMARKS.md, with what was tried against it: one arena,
-trimming between the UNet's blocks), which is why the decoder, run once per video, is left out, and why the
-pipeline's low-memory mode (forward chunking) does without it. A caching allocator library (jemalloc, tcmalloc)
-would do the same but needs LD_PRELOAD; this needs only glibc's own `mallopt`, so elsewhere (macOS, musl) the block
-changes nothing.
+trimming between the UNet's blocks), which is why the pipeline's low-memory mode (forward chunking) denoises
+without it. Decoding uses it in either mode: its chunks are small and alike, so its heap stays below the
+denoising's peak, and its Winograd convolutions gain only with it (BENCHMARKS.md). A caching allocator library
+(jemalloc, tcmalloc) would do the same but needs LD_PRELOAD; this needs only glibc's own `mallopt`, so elsewhere
+(macOS, musl) the block changes nothing.
 
 Memory freed in the heap after the block stays resident until trimmed: blocks under glibc's mmap threshold (which it
 raises up to 32 MB as big tensors come and go) are carved from the heap's free memory, decoding's among them. So the

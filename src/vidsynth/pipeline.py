@@ -35,12 +35,19 @@ LATENT_CHANNELS = 4
 # 256x256 and at 24 frames 576x320 (BENCHMARKS.md, "Long and large videos"): 44-67 bytes per unit of
 # `denoising_memory_bytes`, rounded up since the reused heap's fragmentation varies from run to run.
 DENOISING_BYTES_PER_UNIT = 70
+# Frames the VAE decodes at a time. On the CPU, as many as fit in two 256x256 frames' pixels: decoding there runs
+# Winograd's convolutions in reused memory, which at the default video took 43 s where 8 frames at a time of direct
+# convolutions took 82 s, and peaked lower (BENCHMARKS.md). Elsewhere 8 frames.
+CPU_DECODE_PIXELS = 2 * 256 * 256
+DECODE_FRAMES = 8
 
 
 def load(model: Optional[str] = None, *, device: str = "auto", dtype: str = "auto", offload: str = "none",
-         forward_chunking: Optional[bool] = None, compile: bool = False, decode_chunk: int = 8) -> "Pipeline":
+         forward_chunking: Optional[bool] = None, compile: bool = False,
+         decode_chunk: Optional[int] = None) -> "Pipeline":
     """Load a model (alias, folder or hub id; the shipped model when None) ready to generate. `forward_chunking`:
-    the low-memory mode on (True), off (False) or, on the CPU, chosen per video by the memory it needs (None)."""
+    the low-memory mode on (True), off (False) or, on the CPU, chosen per video by the memory it needs (None).
+    `decode_chunk`: frames the VAE decodes at a time (None: by device and frame size)."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     components = load_components(model, dtype=torch_dtype)
@@ -83,6 +90,13 @@ def denoising_memory_bytes(unet_config, frames: int, latent_height: int, latent_
     return DENOISING_BYTES_PER_UNIT * units
 
 
+def frames_per_decode(device: torch.device, height: int, width: int) -> int:
+    """How many frames of `height` x `width` pixels the VAE decodes at a time unless told."""
+    if device.type == "cpu":
+        return max(1, CPU_DECODE_PIXELS // (height * width))
+    return DECODE_FRAMES
+
+
 def compile_unet(unet: torch.nn.Module, device: torch.device) -> Callable:
     """The UNet compiled once per video shape (frames, size, batch with or without guidance); inductor's caches on
     disk make later processes compile faster. On CUDA the whole step is also captured as a CUDA graph. Elsewhere the
@@ -117,10 +131,11 @@ def convolution_rewrites(device: torch.device, compiled: bool, cache_interval: i
 
 class Pipeline:
     def __init__(self, components: Components, device: torch.device, dtype: torch.dtype, *, offload: str = "none",
-                 forward_chunking: Optional[bool] = None, compile: bool = False, decode_chunk: int = 8):
+                 forward_chunking: Optional[bool] = None, compile: bool = False,
+                 decode_chunk: Optional[int] = None):
         if offload not in OFFLOAD_MODES:
             raise RequestError("offload", f"unknown offload mode {offload!r}; choose from {', '.join(OFFLOAD_MODES)}")
-        if decode_chunk < 1:
+        if decode_chunk is not None and decode_chunk < 1:
             raise RequestError("decode_chunk", "must be at least 1")
         self.components = components
         self.device, self.dtype = device, dtype
@@ -264,9 +279,14 @@ class Pipeline:
         batch, channels, frames, height, width = latents.shape
         latents = latents.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
         latents = latents / vae.config.scaling_factor
-        chunks = latents.split(self.decode_chunk)
+        scale = self.components.vae_scale_factor
+        chunks = latents.split(self.decode_chunk or frames_per_decode(self.device, height * scale, width * scale))
+        on_cpu = self.device.type == "cpu"
         images = []
-        with self._using(vae):
+        # On the CPU Winograd's transformed tiles, in fresh memory each time, cost as much as they save: with the
+        # memory reused, decoding is 1.9x faster (BENCHMARKS.md).
+        with (self._using(vae), rewritten_convolutions(vae) if on_cpu else contextlib.nullcontext(),
+              freed_memory_reused() if on_cpu else contextlib.nullcontext()):
             for index, chunk in enumerate(chunks):
                 decoded = vae.decode(chunk.to(self.dtype)).sample.float()
                 if not torch.isfinite(decoded).all():
