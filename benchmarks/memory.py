@@ -1,7 +1,7 @@
 """Peak memory of long and large videos with the full-size configuration, and what chunking saves.
 
-One denoising step per configuration (peak memory does not grow with steps), chunked VAE decode (8 frames at a
-time, always on), with and without forward chunking. Each configuration runs in a fresh process, as a server or a
+One denoising step per configuration (peak memory does not grow with steps), chunked VAE decode (as the pipeline
+chunks it), with and without forward chunking. Each configuration runs in a fresh process, as a server or a
 CLI run would: what one leaves in the C library's heap would otherwise change the next one's figure. Reported per
 configuration: memory with the weights loaded, the peak while generating and what stays after it (CPU: resident set
 size and its peak; CUDA: torch.cuda.memory_allocated and max_memory_allocated).

@@ -7,9 +7,9 @@ fresh tensor runs at a fifth of the speed of writing a reused one. Within `freed
 block from its heap and keeps freed ones for the next step; on leaving, the free memory goes back to the system and
 glibc's usual settings return. The heap fragments: at the default video the denoising peaks ~0.7 GiB higher, at
 64 frames 256x256 3-6 GiB, varying from run to run (BENCHMARKS.md, with what was tried against it: one arena,
-trimming between the UNet's blocks), which is why the pipeline's low-memory mode (forward chunking) denoises
-without it. Decoding uses it in either mode: its chunks are small and alike, so its heap stays below the
-denoising's peak, and its Winograd convolutions gain only with it (BENCHMARKS.md). A caching allocator library
+trimming between the UNet's blocks), which is why the pipeline's low-memory mode (forward chunking) does without
+it. Decoding uses it in the default mode, where its Winograd convolutions gain only with it (BENCHMARKS.md); there
+its chunks are small and alike, and the video's peak stays the denoising's. A caching allocator library
 (jemalloc, tcmalloc) would do the same but needs LD_PRELOAD; this needs only glibc's own `mallopt`, so elsewhere
 (macOS, musl) the block changes nothing.
 

@@ -210,9 +210,11 @@ class Pipeline:
                 # One generator per video: the initial noise, then any noise a stochastic sampler draws.
                 generator = torch.Generator("cpu").manual_seed(seed)
                 noise = initial_noise(generator, request.frames, request.height // scale, request.width // scale)
+                low_memory = self.low_memory_mode(noise.shape, batch=1 if request.guidance == 1.0 else 2)
                 latents = self.denoise(noise, positive[prompt_index:prompt_index + 1], negative, request, generator,
-                                       lambda k, n: emit(callback, Event("denoise", k, n, index, count)))
-                frames = self.decode(latents, lambda k, n: emit(callback, Event("decode", k, n, index, count)))
+                                       lambda k, n: emit(callback, Event("denoise", k, n, index, count)), low_memory)
+                frames = self.decode(latents, lambda k, n: emit(callback, Event("decode", k, n, index, count)),
+                                     low_memory)
                 settings = self.settings_for(request, prompts[prompt_index], seed)
                 videos.append(Video(frames=frames, fps=request.fps, settings=settings))
         emit(callback, Event("done", 1, 1, count - 1, count))
@@ -238,7 +240,8 @@ class Pipeline:
         return self.components.text_encoder(ids.to(self.device)).last_hidden_state
 
     def denoise(self, latents: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
-                request: GenerationRequest, generator: torch.Generator, on_step) -> torch.Tensor:
+                request: GenerationRequest, generator: torch.Generator, on_step,
+                low_memory: bool = False) -> torch.Tensor:
         # Deep-feature reuse runs parts of the UNet by hand, so it always runs them uncompiled.
         unet = DeepFeatureCache(self.components.unet, request.cache_interval, self.unet_forward)
         scheduler = make_scheduler(request.scheduler, self.components.schedule)
@@ -253,7 +256,6 @@ class Pipeline:
         # Latents stay float32 between steps so half-precision models do not accumulate rounding in the sampler.
         latents = latents.to(self.device) * scheduler.init_noise_sigma
         temporal_2d, winograd = convolution_rewrites(self.device, self.compiled, request.cache_interval)
-        low_memory = self.low_memory_mode(latents.shape, batch=2 if guided_steps else 1)
         with (self._using(self.components.unet), text_attention_per_video(self.components.unet, latents.shape[2]),
               rewritten_convolutions(self.components.unet, winograd) if temporal_2d else contextlib.nullcontext(),
               feed_forward_one_frame_at_a_time(self.components.unet) if low_memory else contextlib.nullcontext(),
@@ -274,19 +276,19 @@ class Pipeline:
                                  f"run again with --dtype float32 (or bfloat16)")
         return latents
 
-    def decode(self, latents: torch.Tensor, on_chunk) -> np.ndarray:
+    def decode(self, latents: torch.Tensor, on_chunk, low_memory: bool = False) -> np.ndarray:
         vae = self.components.vae
         batch, channels, frames, height, width = latents.shape
         latents = latents.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
         latents = latents / vae.config.scaling_factor
         scale = self.components.vae_scale_factor
         chunks = latents.split(self.decode_chunk or frames_per_decode(self.device, height * scale, width * scale))
-        on_cpu = self.device.type == "cpu"
         images = []
         # On the CPU Winograd's transformed tiles, in fresh memory each time, cost as much as they save: with the
-        # memory reused, decoding is 1.9x faster (BENCHMARKS.md).
-        with (self._using(vae), rewritten_convolutions(vae) if on_cpu else contextlib.nullcontext(),
-              freed_memory_reused() if on_cpu else contextlib.nullcontext()):
+        # memory reused, decoding is 1.9x faster (BENCHMARKS.md). The low-memory mode keeps the heap small instead.
+        fast = self.device.type == "cpu" and not low_memory
+        with (self._using(vae), rewritten_convolutions(vae) if fast else contextlib.nullcontext(),
+              freed_memory_reused() if fast else contextlib.nullcontext()):
             for index, chunk in enumerate(chunks):
                 decoded = vae.decode(chunk.to(self.dtype)).sample.float()
                 if not torch.isfinite(decoded).all():
@@ -310,10 +312,11 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------------------ helpers
 
     def low_memory_mode(self, latent_shape: tuple[int, ...], batch: int) -> bool:
-        """Whether to denoise in the low-memory mode: feed-forward layers one frame at a time and, on the CPU, freed
-        memory handed back rather than reused (the reused heap fragments by gigabytes on long videos: 1.3-1.6x
-        faster, up to 6 GiB more at 64 frames 256x256, BENCHMARKS.md). Chosen by `forward_chunking`, or when that is
-        None, on the CPU, by whether the default mode's estimated need fits in the memory available."""
+        """Whether to make a video in the low-memory mode: feed-forward layers one frame at a time and, on the CPU,
+        freed memory handed back rather than reused, in denoising and decoding (the reused heap fragments by
+        gigabytes on long videos: 1.3-1.6x faster, up to 6 GiB more at 64 frames 256x256, BENCHMARKS.md). Chosen by
+        `forward_chunking`, or when that is None, on the CPU, by whether the default mode's estimated need fits in
+        the memory available."""
         if self.forward_chunking is not None or self.device.type != "cpu":
             return bool(self.forward_chunking)
         _, _, frames, latent_height, latent_width = latent_shape
