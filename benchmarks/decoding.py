@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_name  # noqa: E402
+from machine import command_line, cpu_name  # noqa: E402
 from versus_diffusers import memory_now_gib, peak_memory_gib, reset_peak_memory  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -85,7 +85,7 @@ def main() -> None:
                                      Path(args.out))))
         return
 
-    print(f"Command: `python benchmarks/decoding.py {' '.join(sys.argv[1:])}`  ")
+    print(f"Command: `{command_line()}`  ")
     print(f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}; date {date.today()}. "
           f"ms-1.7b's VAE, random weights, {args.dtype}, {args.frames} frames {args.width}x{args.height}; "
           f"each row in a fresh process.\n")

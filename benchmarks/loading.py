@@ -27,7 +27,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from machine import cpu_name  # noqa: E402
+from machine import command_line, cpu_name  # noqa: E402
 from versus_diffusers import memory_now_gib, peak_memory_gib  # noqa: E402
 
 
@@ -81,7 +81,7 @@ def main() -> None:
             folder.mkdir(parents=True, exist_ok=True)
             write_folder(folder)
         size = sum(path.stat().st_size for path in folder.iterdir()) / 2**30
-        print(f"Command: `python benchmarks/loading.py {' '.join(sys.argv[1:])}`  ")
+        print(f"Command: `{command_line()}`  ")
         print(f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}; date {date.today()}. "
               f"ms-1.7b configuration, random weights, ModelScope layout ({size:.2f} GiB of files), float32; "
               f"each run in a fresh process.\n")

@@ -1,6 +1,8 @@
 """What the benchmarks print about the machine they ran on."""
 
 import platform
+import sys
+from pathlib import Path
 
 
 def cpu_name() -> str:
@@ -11,3 +13,8 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.machine()
+
+
+def command_line() -> str:
+    """How this benchmark was run, as BENCHMARKS.md quotes it."""
+    return " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_name  # noqa: E402
+from machine import command_line, cpu_name  # noqa: E402
 from versus_diffusers import full_size_components, memory_now_gib, peak_memory_gib, reset_peak_memory  # noqa: E402
 
 CASES = [("64 frames 256x256", dict(frames=64, height=256, width=256)),
@@ -78,7 +78,7 @@ def main() -> None:
     from vidsynth.devices import dtype_name, resolve_device, resolve_dtype
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    print(f"Command: `python benchmarks/memory.py {' '.join(sys.argv[1:])}`  ")
+    print(f"Command: `{command_line()}`  ")
     print(f"Machine: {torch.cuda.get_device_name() if device.type == 'cuda' else f'{cpu_name()}, {os.cpu_count()} cores'}, "
           f"torch {torch.__version__}; date {date.today()}. ms-1.7b configuration, random weights, "
           f"{dtype_name(dtype)}, 1 DDIM step, guidance 9; each row in a fresh process.\n")

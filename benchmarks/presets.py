@@ -24,7 +24,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_name  # noqa: E402
+from machine import command_line, cpu_name  # noqa: E402
 
 PROMPTS = ["a red circle moving left on a black background", "a blue square growing on a white background",
            "a yellow triangle moving down and to the right on a gray background"]
@@ -103,7 +103,7 @@ def main() -> None:
         rows.append((name, statistics.median(seconds), scores, fields))
     base = rows[0][1]
 
-    print(f"Command: `python benchmarks/presets.py {' '.join(sys.argv[1:])}`  ")
+    print(f"Command: `{command_line()}`  ")
     frames, width, height = (size.get(k, getattr(pipeline.defaults, k)) for k in ("frames", "width", "height"))
     print(f"Machine: {cpu_name()}, {os.cpu_count()} cores; date {date.today()}. Model: {pipeline.name}, "
           f"{frames} frames {width}x{height}, default {default_steps} DDIM steps; {args.prompts} prompts x "

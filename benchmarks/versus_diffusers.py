@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_name  # noqa: E402
+from machine import command_line, cpu_name  # noqa: E402
 
 # UNet FLOPs of one forward at 16 frames x 32x32 latents, batch 2 (CFG), and of decoding 16 frames to 256x256.
 UNET_TFLOP_16x32x32_BATCH2 = 9.77
@@ -230,11 +230,11 @@ def main() -> None:
               "mean_pixel_difference": mean_difference,
               "mean_pixel_value": {name: float(frames.mean()) for name, frames in outputs.items()},
               "difference_from_reference": {"dtype": args.reference_dtype, **from_reference},
-              "command": "python benchmarks/versus_diffusers.py " + " ".join(sys.argv[1:])}
+              "command": command_line()}
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
 
-    print(f"Command: `{report['command'].strip()}`  \nMachine: {report['machine']}, torch {torch.__version__}; "
+    print(f"Command: `{report['command']}`  \nMachine: {report['machine']}, torch {torch.__version__}; "
           f"date {report['date']}. Model: {components.name}, {dtype_name(dtype)}, {settings}, DDIM.\n")
     keys = ["total", "text", "denoise", "decode", "encode", "peak_gib"] + (["tflops", "fraction_of_peak"] if gpu else [])
     print("| median of %d runs | vidsynth | diffusers | vidsynth / diffusers |\n|---|---|---|---|" % args.runs)
