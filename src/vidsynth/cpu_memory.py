@@ -14,12 +14,12 @@ its chunks are small and alike, and the video's peak stays the denoising's. A ca
 (macOS, musl) the block changes nothing.
 
 Memory freed in the heap after the block stays resident until trimmed: blocks under glibc's mmap threshold (which it
-raises up to 32 MB as big tensors come and go) are carved from the heap's free memory, decoding's among them. So the
-pipeline also hands free memory back after each generation, `free_memory_handed_back()`, and an idle server or
-notebook keeps only what it uses (without it, 0.45 GiB stayed after one 8x256x256 video). The heap itself stays as
-large as the block made it, and glibc serves later blocks from its free memory first: a low-memory pipeline run in
-the same process after a reused-heap one peaks higher than in a fresh process (BENCHMARKS.md), so its budget holds
-for a process that uses that mode from the start, as the CLI and the server do.
+raises up to 32 MB as big tensors come and go) are carved from the heap's free memory. So the pipeline also hands
+free memory back after each generation, `free_memory_handed_back()`, and an idle server or notebook keeps only what
+it uses (without it, 0.45 GiB stayed after one 8x256x256 video). The heap itself stays as large as the block made
+it, and glibc serves later blocks from its free memory first: a low-memory pipeline run in the same process after a
+reused-heap one peaks higher than in a fresh process (BENCHMARKS.md), so its budget holds for a process that uses
+that mode from the start, as the CLI and the server do.
 """
 
 from __future__ import annotations

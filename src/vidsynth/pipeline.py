@@ -36,8 +36,8 @@ LATENT_CHANNELS = 4
 # `denoising_memory_bytes`, rounded up since the reused heap's fragmentation varies from run to run.
 DENOISING_BYTES_PER_UNIT = 70
 # Frames the VAE decodes at a time. On the CPU, as many as fit in two 256x256 frames' pixels: decoding there runs
-# Winograd's convolutions in reused memory, which at the default video took 43 s where 8 frames at a time of direct
-# convolutions took 82 s, and peaked lower (BENCHMARKS.md). Elsewhere 8 frames.
+# Winograd's convolutions in reused memory, which at the default video took 48 s where 8 frames at a time of direct
+# convolutions took 90 s, at the same peak; larger chunks of it peaked 2.7 GiB higher (BENCHMARKS.md). Elsewhere 8.
 CPU_DECODE_PIXELS = 2 * 256 * 256
 DECODE_FRAMES = 8
 
