@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import command_line, cpu_name  # noqa: E402
-from versus_diffusers import memory_now_gib, peak_memory_gib, reset_peak_memory  # noqa: E402
+from versus_diffusers import full_size_vae, memory_now_gib, peak_memory_gib, reset_peak_memory  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -46,15 +46,11 @@ def configurations(height: int, width: int) -> list[tuple[str, int, bool, bool]]
 
 def decode_once(frames: int, height: int, width: int, dtype: torch.dtype, chunk: int, winograd: bool, reuse: bool,
                 out: Path) -> dict:
-    from diffusers import AutoencoderKL
-
     from vidsynth.convolution import rewritten_convolutions
     from vidsynth.cpu_memory import freed_memory_reused
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
-                        scaling_factor=0.18215).to(dtype).eval().requires_grad_(False)
+    vae = full_size_vae(dtype)
     latents = torch.randn(frames, 4, height // 8, width // 8, generator=torch.Generator().manual_seed(1))
     loaded = memory_now_gib(CPU)
     reset_peak_memory(CPU)

@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 from machine import command_line, cpu_name  # noqa: E402
-from versus_diffusers import memory_now_gib, peak_memory_gib  # noqa: E402
+from versus_diffusers import memory_now_gib, peak_memory_gib, random_fill  # noqa: E402
 
 
 def write_folder(folder: Path) -> None:
@@ -36,9 +36,7 @@ def write_folder(folder: Path) -> None:
     from vidsynth.modelscope_format import MS_1_7B
 
     def filled(module: torch.nn.Module) -> dict:
-        for parameter in module.parameters():
-            parameter.data.normal_(0, 0.02)
-        return module.state_dict()
+        return random_fill(module).state_dict()
 
     with torch.device("meta"):  # built empty: its initial weights would be overwritten anyway
         unet = modelscope_unet(MS_1_7B)

@@ -40,10 +40,26 @@ VAE_TFLOP_16_FRAMES_256 = 9.96
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
+def random_fill(module: torch.nn.Module) -> torch.nn.Module:
+    """The module's weights drawn in place from N(0, 0.02), for a full-size model without a checkpoint."""
+    for parameter in module.parameters():
+        parameter.data.normal_(0, 0.02)
+    return module
+
+
+def full_size_vae(dtype: torch.dtype):
+    """ms-1.7b's VAE (Stable Diffusion's configuration) with diffusers' random initial weights."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                        scaling_factor=0.18215)
+    return vae.to(dtype).eval().requires_grad_(False)
+
+
 def full_size_components(dtype: torch.dtype, device: torch.device = torch.device("cpu")):
     """ms-1.7b's configuration (the same as the diffusers port's config files) with random weights, the UNet's drawn
     on `device` (1.7B normal draws take a minute on a CPU)."""
-    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from vidsynth.loading import Components
@@ -53,12 +69,8 @@ def full_size_components(dtype: torch.dtype, device: torch.device = torch.device
     torch.manual_seed(0)
     with torch.device("meta"):
         unet = unet_from_config(MS_1_7B)
-    unet = unet.to_empty(device=device).to(dtype)
-    for parameter in unet.parameters():
-        parameter.data.normal_(0, 0.02)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
-                        scaling_factor=0.18215).to(dtype)
+    unet = random_fill(unet.to_empty(device=device).to(dtype))
+    vae = full_size_vae(dtype)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096,
                                         num_hidden_layers=23, num_attention_heads=16, hidden_act="gelu",
                                         max_position_embeddings=77, projection_dim=1024)).to(dtype)
