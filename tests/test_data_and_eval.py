@@ -1,6 +1,5 @@
 """The procedural dataset, and the vision check of `vidsynth eval` against clips whose truth is known."""
 
-
 import numpy as np
 import pytest
 
