@@ -367,45 +367,23 @@ def test_freed_memory_is_reused_within_the_block_and_handed_back_after():
 
 
 @glibc_only
-def test_denoising_on_the_cpu_reuses_freed_memory(tiny_pipeline):
-    faults = []
-
-    def measure(event):
-        if event.phase == "denoise" and event.step == 1:
-            fill_and_free(3)
-            faults.append(faults_while(lambda: fill_and_free(4)))
-
-    tiny_pipeline("a red circle", frames=2, height=32, width=32, steps=2, seed=0, callback=measure)
-    assert faults and faults[0] < PAGES // 100
-
-
-@glibc_only
+@pytest.mark.parametrize("phase", ["denoise", "decode"])
 @pytest.mark.parametrize("low_memory", [False, True])
-def test_decoding_on_the_cpu_reuses_freed_memory_except_in_the_low_memory_mode(tiny_model_dir, low_memory):
+def test_the_cpu_pipeline_reuses_freed_memory_except_in_the_low_memory_mode(tiny_model_dir, phase, low_memory):
     pipeline = vidsynth.load(str(tiny_model_dir), device="cpu", dtype="float32", forward_chunking=low_memory)
     faults = []
 
     def measure(event):
-        if event.phase == "decode" and event.step == 1:
-            fill_and_free(3)
-            faults.append(faults_while(lambda: fill_and_free(4)))
-
-    pipeline("a red circle", frames=2, height=32, width=32, steps=1, seed=0, callback=measure)
-    assert faults and (faults[0] > PAGES if low_memory else faults[0] < PAGES // 100)
-
-
-@glibc_only
-def test_denoising_with_forward_chunking_hands_freed_memory_back(tiny_model_dir):
-    low_memory = vidsynth.load(str(tiny_model_dir), device="cpu", dtype="float32", forward_chunking=True)
-    faults = []
-
-    def measure(event):
-        if event.phase == "denoise" and event.step == 1:
+        if event.phase == phase and event.step == 1:
             fill_and_free(3)  # as in the test above, where the blocks after these reuse their memory
             faults.append(faults_while(lambda: fill_and_free(4)))
 
-    low_memory("a red circle", frames=2, height=32, width=32, steps=2, seed=0, callback=measure)
-    assert faults and faults[0] > PAGES  # every block arrived as fresh pages
+    pipeline("a red circle", frames=2, height=32, width=32, steps=2, seed=0, callback=measure)
+    assert faults
+    if low_memory:
+        assert faults[0] > PAGES  # every block arrived as fresh pages
+    else:
+        assert faults[0] < PAGES // 100
 
 
 @glibc_only
