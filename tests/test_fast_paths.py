@@ -1,6 +1,6 @@
 """Fast paths that must not change the result beyond rounding: the prompt's keys and values once per video, Winograd
-convolutions on the CPU, the compiled UNet, CUDA graphs; and on the CPU freed memory reused while denoising, or the
-low-memory mode when a video would not fit."""
+convolutions on the CPU (UNet and VAE decoder), the compiled UNet, CUDA graphs; and on the CPU freed memory reused
+while denoising and decoding, or the low-memory mode when a video would not fit."""
 
 import contextlib
 import functools
