@@ -1,6 +1,7 @@
 """Fast paths that must not change the result beyond rounding: the prompt's keys and values once per video, Winograd
-convolutions on the CPU (UNet and VAE decoder), the compiled UNet, CUDA graphs; and on the CPU freed memory reused
-while denoising and decoding, or the low-memory mode when a video would not fit."""
+convolutions on the CPU (UNet and VAE decoder), the compiled UNet, CUDA graphs; a sampler that never waits for the
+device between steps; and on the CPU freed memory reused while denoising and decoding, or the low-memory mode when a
+video would not fit."""
 
 import contextlib
 import functools
@@ -26,6 +27,7 @@ from vidsynth.convolution import (TemporalConvAs2d, Winograd3x3, WinogradTempora
 from vidsynth import cpu_memory, pipeline as pipeline_module
 from vidsynth.cpu_memory import available_memory_bytes, freed_memory_reused
 from vidsynth.cuda_graphs import CudaGraphedForward
+from vidsynth.loading import load_components
 from vidsynth.pipeline import compile_unet, convolution_rewrites, denoising_memory_bytes, frames_per_decode
 
 
@@ -333,6 +335,30 @@ def test_cuda_graphs_give_the_eager_frames_on_a_gpu(tiny_model_dir):
     eager = pipeline("a red circle", **settings).frames
     assert np.array_equal(graphed, again)
     assert np.abs(graphed.astype(int) - eager).max() <= 1
+
+
+@pytest.fixture(scope="module")
+def meta_pipeline(tiny_model_dir):
+    return vidsynth.Pipeline(load_components(str(tiny_model_dir), dtype=torch.float32), torch.device("meta"),
+                             torch.float32)
+
+
+@pytest.mark.parametrize("settings", [dict(scheduler="ddim"), dict(scheduler="ddim", eta=0.5), dict(scheduler="dpm++"),
+                                      dict(scheduler="unipc"), dict(scheduler="euler"), dict(preset="fast")],
+                         ids=["ddim", "ddim-eta", "dpm++", "unipc", "euler", "fast"])
+def test_the_sampler_never_reads_the_devices_tensors_between_steps(meta_pipeline, settings):
+    """A read of a GPU tensor on the host makes the CPU wait for the GPU, which then idles while the CPU prepares the
+    next step. The meta device holds no values, so any such read fails there: the steps must all run, and only the
+    finiteness check after the last one may read the latents."""
+    request = meta_pipeline.prepare(vidsynth.GenerationRequest.create(prompt="a red circle", steps=4, frames=3,
+                                                                      height=32, width=32, seed=0, **settings))
+    positive, negative = meta_pipeline.encode_text(["a red circle"]), meta_pipeline.encode_text([""])
+    noise = pipeline_module.initial_noise(torch.Generator().manual_seed(0), 3, 4, 4)
+    steps = []
+    with pytest.raises(RuntimeError, match="meta tensors"):
+        meta_pipeline.denoise(noise, positive, negative, request, torch.Generator().manual_seed(0),
+                              lambda step, total: steps.append(step))
+    assert steps == list(range(1, request.steps + 1))
 
 
 glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
