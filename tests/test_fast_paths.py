@@ -221,6 +221,7 @@ def test_convolution_rewrites_by_device_and_compiling():
     assert convolution_rewrites(cpu, compiled=True, cache_interval=2) == (True, True)  # deep-feature reuse: uncompiled
     assert convolution_rewrites(cuda, compiled=False, cache_interval=1) == (False, False)
     assert convolution_rewrites(cuda, compiled=True, cache_interval=1) == (True, False)  # channels-last throughout
+    assert convolution_rewrites(torch.device("mps"), compiled=False, cache_interval=1) == (True, False)  # no Conv3d
 
 
 @pytest.mark.skipif(not os.environ.get("VIDSYNTH_SLOW"), reason="compiles with inductor, minutes on 2 cores: "

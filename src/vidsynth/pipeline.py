@@ -122,11 +122,13 @@ def convolution_rewrites(device: torch.device, compiled: bool, cache_interval: i
     On the CPU both (faster there, BENCHMARKS.md), except Winograd in a compiled UNet: freezing would fold the
     transformed weights into constants, 4x the 3x3 ones (deep-feature reuse runs uncompiled). On CUDA only in a
     compiled UNet: inductor stores activations channels-last only around 2-D convolutions, so with 3-D temporal ones
-    the layout would change back and forth; eagerly on CUDA 2-D temporal convolutions gained nothing.
+    the layout would change back and forth; eagerly on CUDA 2-D temporal convolutions gained nothing. On MPS always
+    2-D: PyTorch's 3-D convolutions there run at about a tenth of its 2-D rate (pytorch/pytorch#192213), and older
+    releases had none.
     """
     if device.type == "cpu":
         return True, not compiled or cache_interval > 1
-    return compiled, False
+    return compiled or device.type == "mps", False
 
 
 class Pipeline:
