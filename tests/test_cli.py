@@ -1,16 +1,19 @@
 """The vidsynth command: real processes for the paths that matter (exit codes, signals), in-process for bad input."""
 
+import argparse
 import json
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from vidsynth.cli import main
+from vidsynth.cli import build_parser, main
 
 SMALL = ["--frames", "3", "--height", "32", "--width", "32", "--steps", "2"]
 
@@ -148,3 +151,27 @@ def test_forward_chunking_flags_reach_the_pipeline(flags, chunking, tiny_model_d
         *a, **options))
     assert main(["generate", "x", "--model", str(tiny_model_dir), "-o", str(tmp_path / "x.npy"), *SMALL, *flags]) == 0
     assert [options["forward_chunking"] for options in made] == [chunking]
+
+
+
+def test_the_readme_command_reference_names_every_option_and_no_other():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    reference = readme.split("## Command line", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    reference, runtime = reference.split("RUNTIME:")
+    reference = reference.replace("[RUNTIME]", runtime)
+
+    def options(text: str) -> set[str]:
+        both_ways = re.findall(r"--\[no-\]([a-z-]+)", text)  # --[no-]x: --x and --no-x
+        return set(re.findall(r"--[a-z][a-z-]*", text)) | {f"--{prefix}{name}" for name in both_ways
+                                                           for prefix in ("", "no-")}
+
+    def parsed(parser: argparse.ArgumentParser) -> set[str]:
+        return {option for action in parser._actions for option in action.option_strings
+                if option.startswith("--") and option != "--help"}
+
+    documented = {command: options(text) for command, text in
+                  re.findall(r"^vidsynth ([a-z]+)(.*?)(?=^vidsynth |\Z)", reference, re.MULTILINE | re.DOTALL)}
+    parser = build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices
+    assert documented == {name: parsed(command) for name, command in commands.items()}
+    assert set(re.findall(r"^vidsynth (--[a-z-]+)", reference, re.MULTILINE)) == parsed(parser)
