@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import re
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import LiveServer, read_events
-from vidsynth.request import MAX_FRAMES, MAX_SIDE
+from vidsynth.request import MAX_FRAMES, MAX_SIDE, GenerationRequest
 from vidsynth.server import ServerSettings, create_app
 from vidsynth.video import read_frames
 
@@ -286,3 +288,10 @@ def test_serve_refuses_a_public_address_without_a_token(tmp_path):
     done = subprocess.run([sys.executable, "-m", "vidsynth.cli", "serve", "--host", "0.0.0.0", "--data-dir",
                            str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "without a token" in done.stderr
+
+
+def test_the_readme_names_every_field_a_job_takes():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `POST /v1/videos` |"))
+    fields = re.findall(r"`([a-z_]+)`", row.split("(as the CLI:", 1)[1].split(")", 1)[0])
+    assert sorted(fields) == sorted(GenerationRequest.model_fields)
