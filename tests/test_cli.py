@@ -4,6 +4,7 @@ import argparse
 import json
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -18,9 +19,9 @@ from vidsynth.cli import build_parser, main
 SMALL = ["--frames", "3", "--height", "32", "--width", "32", "--steps", "2"]
 
 
-def vidsynth(*args, cwd, timeout=300):
+def vidsynth(*args, cwd, timeout=300, umask=-1):
     return subprocess.run([sys.executable, "-m", "vidsynth.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout)
+                          cwd=cwd, timeout=timeout, umask=umask)
 
 
 BAD_INPUT = [
@@ -127,9 +128,11 @@ def test_convert_modelscope_layout_gives_the_same_video(modelscope_reference, tm
     assert refused.returncode == 2 and "already exists" in refused.stderr
 
 
-def test_converted_models_do_not_name_the_folder_they_came_from(tiny_model_dir, tmp_path):
-    converted = vidsynth("convert", tiny_model_dir, tmp_path / "converted", "--dtype", "float16", cwd=tmp_path)
+def test_converted_model_folders_are_not_private_and_do_not_name_their_source(tiny_model_dir, tmp_path):
+    converted = vidsynth("convert", tiny_model_dir, tmp_path / "converted", "--dtype", "float16", cwd=tmp_path,
+                         umask=0o022)
     assert converted.returncode == 0, converted.stderr
+    assert stat.S_IMODE((tmp_path / "converted").stat().st_mode) == 0o755  # not private, as temporary folders are made
     for part in ("unet", "vae", "text_encoder"):
         assert str(tiny_model_dir) not in (tmp_path / "converted" / part / "config.json").read_text(), part
 

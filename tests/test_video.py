@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import av
@@ -64,6 +65,18 @@ def test_gif_npy_and_png_folder(tmp_path):
     folder = video.save(tmp_path / "frames")
     assert sorted(p.name for p in folder.iterdir()) == [f"{i:04d}.png" for i in range(12)] + ["settings.json"]
     assert read_settings(folder) == SETTINGS
+
+
+@pytest.mark.parametrize("name", ["clip.mp4", "clip.webm", "clip.gif", "clip.npy", "frames"])
+def test_outputs_get_the_permissions_the_umask_gives(tmp_path, name):
+    previous = os.umask(0o022)
+    try:
+        path = Video(pattern(2), settings=SETTINGS).save(tmp_path / name)
+    finally:
+        os.umask(previous)
+    for written in [path, *path.iterdir()] if path.is_dir() else [path, path.with_suffix(".json")]:
+        expected = 0o755 if written.is_dir() else 0o644  # not private to the owner, as temporary files are made
+        assert stat.S_IMODE(written.stat().st_mode) == expected, written.name
 
 
 def test_bad_output_paths_write_nothing(tmp_path):

@@ -281,11 +281,11 @@ def _status(message: str, args) -> None:
 
 def run_convert(args) -> int:
     import shutil
-    import tempfile
 
     import torch
 
     from .loading import load_components, save_model_folder
+    from .video import new_path_beside
 
     destination = Path(args.destination)
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
@@ -293,7 +293,7 @@ def run_convert(args) -> int:
     if not destination.parent.is_dir():
         raise OutputError(f"output directory {destination.parent} does not exist")
     components = load_components(args.source)
-    partial = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    partial = new_path_beside(destination, folder=True)
     try:
         save_model_folder(components, partial, dtype=getattr(torch, args.dtype))
         if destination.exists():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -121,6 +122,22 @@ def write_video(path: PathLike, frames: np.ndarray, fps: int, settings: dict, *,
     return path
 
 
+def new_path_beside(path: Path, suffix: str = ".part", *, folder: bool = False) -> Path:
+    """A new hidden file (or folder) beside `path`, to be written and renamed over it. Created as open() and mkdir()
+    create them, with the permissions the umask gives: tempfile's mkstemp and mkdtemp make them private to the
+    owner, which the finished video or model would keep."""
+    while True:
+        candidate = path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            if folder:
+                candidate.mkdir()
+            else:
+                os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return candidate
+        except FileExistsError:
+            continue
+
+
 class _atomic:
     """A temporary file beside `path` that replaces it on success and disappears on failure."""
 
@@ -128,9 +145,7 @@ class _atomic:
         self.path = path
 
     def __enter__(self) -> str:
-        handle, self.temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=f".part{self.path.suffix}",
-                                                  dir=self.path.parent)
-        os.close(handle)
+        self.temporary = str(new_path_beside(self.path, f".part{self.path.suffix}"))
         return self.temporary
 
     def __exit__(self, exc_type, exc, tb):
@@ -160,7 +175,7 @@ def _encode(path: str, frames: np.ndarray, fps: int, codec: str, settings: dict,
 
 
 def _write_png_folder(path: Path, frames: np.ndarray, settings: dict | None) -> None:
-    temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
+    temporary = new_path_beside(path, folder=True)
     try:
         for index, frame in enumerate(frames):
             Image.fromarray(frame).save(temporary / f"{index:04d}.png")
