@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vidsynth.cli import build_parser, main
+from vidsynth import Video
+from vidsynth.cli import build_parser, main, output_paths
 
 SMALL = ["--frames", "3", "--height", "32", "--width", "32", "--steps", "2"]
 
@@ -86,6 +87,13 @@ def test_mp4_metadata_drives_info_and_default_names(tiny_model_dir, tmp_path):
     info = vidsynth("info", "a-car-flying-in-space-3.mp4", cwd=tmp_path)
     assert info.returncode == 0
     assert "seed               3" in info.stdout and "codec              h264" in info.stdout
+
+
+@pytest.mark.parametrize("prompt, name", [("Ein Würfel, grün!", "ein-wurfel-grun-7.mp4"),
+                                          ("一辆车在太空飞行", "video-7.mp4")])
+def test_default_names_keep_accented_letters_as_plain_ones(prompt, name):
+    assert output_paths(None, [Video(np.zeros((1, 8, 8, 3), np.uint8), settings={"prompt": prompt, "seed": 7})]) \
+        == [Path(name)]
 
 
 def test_ctrl_c_exits_130_and_leaves_no_file(tiny_model_dir, tmp_path):

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -245,7 +246,8 @@ def output_paths(output: str | None, videos) -> list[Path]:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "video"
+    latin = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()  # "grün" -> "grun", not "gr-n"
+    return re.sub(r"[^a-z0-9]+", "-", latin.lower()).strip("-")[:60] or "video"
 
 
 def run_generate(args) -> int:
