@@ -93,6 +93,9 @@ def test_submit_stream_poll_and_fetch(client):
     assert middle.shape == (64, 64, 3) and np.abs(middle - frames[4]).mean() < 8  # the mp4 frame is lossy
     gif = client.get(f"/v1/videos/{job['id']}/content", params={"variant": "gif"})
     assert gif.headers["content-type"] == "image/gif" and Image.open(io.BytesIO(gif.content)).n_frames == 8
+    beyond = client.get(f"/v1/videos/{job['id']}/content", params={"index": 1})
+    assert beyond.status_code == 422
+    assert beyond.json()["error"]["fields"] == [{"field": "index", "message": "this job made 1 video(s)"}]
 
 
 def _decode_mp4(data: bytes) -> np.ndarray:
@@ -214,6 +217,7 @@ def test_bad_requests_get_422_naming_the_field(client, fields, field):
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["field"] == field and field in error["message"] and error["code"] == "invalid_request"
+    assert error["fields"][0]["field"] == field and not error["fields"][0]["message"].startswith(f"{field}:")
 
 
 def test_malformed_json_and_oversized_bodies(client):

@@ -62,7 +62,10 @@ class ApiError(HTTPException):
 
 
 def _error_response(status: int, code: str, message: str, field: Optional[str] = None, fields=None, headers=None):
-    error = {"code": code, "message": message, "field": field, "fields": fields or ([{"field": field, "message": message}] if field else [])}
+    """`message` names the field ("frames: ..."); each of `fields` has its own message without the name."""
+    if fields is None:
+        fields = [{"field": field, "message": message.removeprefix(f"{field}: ")}] if field else []
+    error = {"code": code, "message": message, "field": field, "fields": fields}
     return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
