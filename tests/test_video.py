@@ -67,6 +67,17 @@ def test_gif_npy_and_png_folder(tmp_path):
     assert read_settings(folder) == SETTINGS
 
 
+def test_gif_keeps_frames_of_up_to_256_colours_exactly_and_others_close(tmp_path):
+    rng = np.random.default_rng(0)
+    few = rng.integers(0, 256, (200, 3), dtype=np.uint8)[rng.integers(0, 200, (6, 40, 56))]
+    assert np.array_equal(read_frames(Video(few).save(tmp_path / "few.gif"))[0], few)
+    y, x = np.mgrid[0:128, 0:128]
+    many = np.stack([np.stack([(x + 4 * t) % 256, (y + 2 * t) % 256, ((x + y) // 2 + 8 * t) % 256], axis=-1)
+                     for t in range(6)]).astype(np.uint8)  # 16,384 colours a frame
+    decoded = read_frames(Video(many).save(tmp_path / "many.gif"))[0]
+    assert np.abs(decoded.astype(int) - many).mean() < 8
+
+
 @pytest.mark.parametrize("name", ["clip.mp4", "clip.webm", "clip.gif", "clip.npy", "frames"])
 def test_outputs_get_the_permissions_the_umask_gives(tmp_path, name):
     previous = os.umask(0o022)

