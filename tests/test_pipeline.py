@@ -1,5 +1,7 @@
 """Generation behaviour on a tiny random model: seeds, batching, samplers, progress, cancellation, failures."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ from diffusers.models.attention import FeedForward
 from diffusers.models.unets.unet_3d_condition import UNet3DConditionOutput
 
 import vidsynth
-from vidsynth import Cancelled, GenerationRequest, NumericalError
+from vidsynth import Cancelled, GenerationRequest, NumericalError, devices
 from vidsynth.schedulers import MODELSCOPE_SCHEDULE, SCRATCH_SCHEDULE
 
 SMALL = dict(frames=3, height=32, width=32, steps=3)
@@ -118,6 +120,17 @@ def test_bfloat16_runs_close_to_float32(tiny_model_dir, tiny_pipeline):
     assert half.dtype == torch.bfloat16
     difference = np.abs(frames_of(half, seed=4).astype(int) - frames_of(tiny_pipeline, seed=4)).mean()
     assert difference < 8
+
+
+@pytest.mark.parametrize("name, native_bf16, warned", [("float16", True, True), ("bfloat16", False, True),
+                                                       ("bfloat16", True, False), ("float32", False, False),
+                                                       ("auto", False, False)])
+def test_half_precision_emulated_on_the_cpu_is_warned_about(monkeypatch, name, native_bf16, warned):
+    monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: native_bf16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        devices.resolve_dtype(name, torch.device("cpu"))
+    assert any("emulated" in str(warning.message) for warning in caught) == warned
 
 
 def test_request_is_resolved_against_model_defaults(tiny_pipeline):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .errors import RequestError
@@ -46,7 +48,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.float32
     if name not in DTYPES:
         raise RequestError("dtype", f"unknown dtype {name!r}; choose from {', '.join(DTYPE_CHOICES)}")
-    return DTYPES[name]
+    dtype = DTYPES[name]
+    if device.type == "cpu" and (dtype == torch.float16 or (dtype == torch.bfloat16 and not cpu_supports_bf16())):
+        # The shipped model denoised 14x slower in either than in float32 on an AVX2-only CPU (BENCHMARKS.md).
+        warnings.warn(f"{dtype_name(dtype)} is emulated on this CPU, many times slower than float32 "
+                      f"(which --dtype auto picks here)", stacklevel=2)
+    return dtype
 
 
 def dtype_name(dtype: torch.dtype) -> str:
