@@ -52,7 +52,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and (dtype == torch.float16 or (dtype == torch.bfloat16 and not cpu_supports_bf16())):
         # The shipped model denoised 14x slower in either than in float32 on an AVX2-only CPU (BENCHMARKS.md).
         warnings.warn(f"{dtype_name(dtype)} is emulated on this CPU, many times slower than float32 "
-                      f"(which --dtype auto picks here)", stacklevel=3)  # the caller of vidsynth.load
+                      f'(what dtype "auto" picks here)', stacklevel=3)  # the caller of vidsynth.load
     return dtype
 
 
