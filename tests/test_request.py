@@ -25,6 +25,8 @@ BAD = [
     ({"num_videos": 0}, "num_videos", "greater than or equal to 1"),
     ({"eta": 2.0}, "eta", "less than or equal to 1"),
     ({"colour": "red"}, "colour", "unknown setting"),
+    ({"num_inference_steps": 25}, "num_inference_steps", "unknown setting; vidsynth calls it 'steps'"),  # diffusers' name
+    ({"guidance_scale": 7.5}, "guidance_scale", "vidsynth calls it 'guidance'"),
 ]
 
 

@@ -21,6 +21,10 @@ MAX_STEPS = 500  # DDIM with steps_offset=1 would step past timestep 999 at 1000
 MAX_VIDEOS = 16
 MAX_PROMPTS = 16
 MAX_SEED = 2**63 - 1
+# What diffusers' pipelines (and ModelScope's, for `text`) call these settings: an unknown setting by one of these
+# names gets a pointer to vidsynth's.
+OTHER_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance", "num_frames": "frames",
+               "num_videos_per_prompt": "num_videos", "generator": "seed", "text": "prompt"}
 
 
 @dataclass(frozen=True)
@@ -130,8 +134,12 @@ def field_errors(errors: list[dict]) -> list[dict]:
     found = []
     for error in errors:
         location = [str(part) for part in error["loc"] if part not in ("body", "query", "header", "path")]
-        message = "unknown setting" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
-        found.append({"field": location[0] if location else "body", "message": message})
+        field = location[0] if location else "body"
+        if error["type"] == "extra_forbidden":
+            message = "unknown setting" + (f"; vidsynth calls it {OTHER_NAMES[field]!r}" if field in OTHER_NAMES else "")
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+        found.append({"field": field, "message": message})
     return found
 
 
