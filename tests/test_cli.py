@@ -92,8 +92,8 @@ def test_mp4_metadata_drives_info_and_default_names(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("prompt, name", [("Ein Würfel, grün!", "ein-wurfel-grun-7.mp4"),
                                           ("一辆车在太空飞行", "video-7.mp4")])
 def test_default_names_keep_accented_letters_as_plain_ones(prompt, name):
-    assert output_paths(None, [Video(np.zeros((1, 8, 8, 3), np.uint8), settings={"prompt": prompt, "seed": 7})]) \
-        == [Path(name)]
+    video = Video(np.zeros((1, 8, 8, 3), np.uint8), settings={"prompt": prompt, "seed": 7})
+    assert output_paths(None, [video]) == [Path(name)]
 
 
 def test_ctrl_c_exits_130_and_leaves_no_file(tiny_model_dir, tmp_path):
