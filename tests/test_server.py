@@ -294,6 +294,16 @@ def test_serve_refuses_a_public_address_without_a_token(tmp_path):
     assert done.returncode == 2 and "without a token" in done.stderr
 
 
+@pytest.mark.parametrize("package", ["fastapi", "uvicorn"])
+def test_serve_without_the_server_extra_says_what_to_install(package):
+    import subprocess
+    import sys
+    hidden = f"import sys; sys.modules[{package!r}] = None; from vidsynth.cli import main; sys.exit(main(['serve']))"
+    done = subprocess.run([sys.executable, "-c", hidden], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "pip install 'vidsynth[server]'" in done.stderr and package in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_the_readme_names_every_field_a_job_takes():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     row = next(line for line in readme.splitlines() if line.startswith("| `POST /v1/videos` |"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -368,6 +369,10 @@ def run_eval(args) -> int:
 
 
 def run_serve(args) -> int:
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"the server needs {' and '.join(missing)}, which vidsynth's server extra installs: "
+                         f"pip install 'vidsynth[server]'")
     from .server import ServerSettings, is_loopback, serve
     if not is_loopback(args.host) and not args.token and not args.allow_remote_without_token:
         raise UsageError(f"refusing to serve on {args.host} without a token: set --token (or VIDSYNTH_TOKEN), bind "
