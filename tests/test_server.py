@@ -98,6 +98,20 @@ def test_submit_stream_poll_and_fetch(client):
     assert beyond.json()["error"]["fields"] == [{"field": "index", "message": "this job made 1 video(s)"}]
 
 
+def test_a_reconnecting_event_stream_resumes_after_the_last_event_id(client):
+    job = submit(client, **FAST)
+    wait_for(client, job["id"])
+    with client.stream("GET", f"/v1/videos/{job['id']}/events") as response:
+        lines = list(response.iter_lines())
+    ids = [int(line.removeprefix("id: ")) for line in lines if line.startswith("id: ")]
+    assert ids == list(range(1, len(ids) + 1)) and len(ids) > 3
+    with client.stream("GET", f"/v1/videos/{job['id']}/events") as response:
+        everything = list(read_events(response))
+    with client.stream("GET", f"/v1/videos/{job['id']}/events", headers={"Last-Event-ID": str(ids[-3])}) as response:
+        resumed = list(read_events(response))
+    assert resumed == everything[-2:] and resumed[-1]["event"] == "completed"
+
+
 def _decode_mp4(data: bytes) -> np.ndarray:
     import tempfile
     with tempfile.NamedTemporaryFile(suffix=".mp4") as handle:

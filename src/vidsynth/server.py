@@ -208,15 +208,18 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
                             content_disposition_type="inline")
 
     @app.get("/v1/videos/{job_id}/events", tags=["videos"])
-    async def video_events(job_id: str):
-        """Server-sent events: queued, started, step, decoding, encoding, then completed, failed or canceled."""
+    async def video_events(job_id: str, last_event_id: Optional[str] = Header(None)):
+        """Server-sent events: queued, started, step, decoding, encoding, then completed, failed or canceled. The
+        job's own events carry ids; a client reconnecting with `Last-Event-ID` (as EventSource does) gets only the
+        ones after it."""
         job_or_404(job_id)
-        return StreamingResponse(_event_stream(job_id), media_type="text/event-stream",
+        start = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+        return StreamingResponse(_event_stream(job_id, start), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _event_stream(job_id: str):
+    async def _event_stream(job_id: str, index: int):
         store, events = state["store"], state["events"]
-        index, last_position, announced_running = 0, None, False
+        last_position, announced_running = None, False
         loop = asyncio.get_running_loop()
         last_sent = loop.time()
         while True:
@@ -224,7 +227,7 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
                 index += 1
                 announced_running = True
                 last_sent = loop.time()
-                yield _sse(event)
+                yield _sse(event, sequence=index)
                 if event["event"] in TERMINAL_EVENTS:
                     return
             job = store.get(job_id)
@@ -267,8 +270,10 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
     return app
 
 
-def _sse(event: dict) -> str:
-    return f"event: {event['event']}\ndata: {json.dumps(event)}\n\n"
+def _sse(event: dict, sequence: Optional[int] = None) -> str:
+    """One server-sent event; `sequence`, the count of the job's logged events up to it, becomes its id."""
+    identity = f"id: {sequence}\n" if sequence is not None else ""
+    return f"{identity}event: {event['event']}\ndata: {json.dumps(event)}\n\n"
 
 
 def _authorised(request: Request, token: str) -> bool:
