@@ -62,10 +62,10 @@ class ApiError(HTTPException):
 
 
 def _error_response(status: int, code: str, message: str, field: Optional[str] = None, fields=None, headers=None):
-    """`message` names the field ("frames: ..."); each of `fields` has its own message without the name."""
+    """`message` is about `field` (the first of `fields`, when several are wrong); the top-level message names it."""
     if fields is None:
-        fields = [{"field": field, "message": message.removeprefix(f"{field}: ")}] if field else []
-    error = {"code": code, "message": message, "field": field, "fields": fields}
+        fields = [{"field": field, "message": message}] if field else []
+    error = {"code": code, "message": f"{field}: {message}" if field else message, "field": field, "fields": fields}
     return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
@@ -119,7 +119,7 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
     async def invalid_request(request: Request, exc: RequestValidationError):
         fields = field_errors(exc.errors())
         first = fields[0]
-        return _error_response(422, "invalid_request", f"{first['field']}: {first['message']}", first["field"], fields)
+        return _error_response(422, "invalid_request", first["message"], first["field"], fields)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -151,7 +151,7 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
         try:
             resolved = pipeline.prepare(body)
         except RequestError as exc:
-            raise ApiError(422, "invalid_request", str(exc), exc.field) from None
+            raise ApiError(422, "invalid_request", exc.message, exc.field) from None
         try:
             job, created = store.create(resolved.model_dump(mode="json"), resolved.total_videos, idempotency_key,
                                         submitted=body.model_dump(mode="json", exclude_unset=True))
@@ -167,7 +167,7 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
         try:
             jobs, has_more = state["store"].list(limit, after)
         except KeyError:
-            raise ApiError(422, "invalid_request", f"after: no video job {after!r}", "after") from None
+            raise ApiError(422, "invalid_request", f"no video job {after!r}", "after") from None
         return {"object": "list", "data": jobs, "has_more": has_more, "last_id": jobs[-1]["id"] if jobs else None}
 
     @app.get("/v1/videos/{job_id}", tags=["videos"])
@@ -199,7 +199,7 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
         if job["status"] != COMPLETED:
             raise ApiError(409, "not_ready", f"the job is {job['status']}; content exists once it has completed")
         if index >= job["outputs"]:
-            raise ApiError(422, "invalid_request", f"index: this job made {job['outputs']} video(s)", "index")
+            raise ApiError(422, "invalid_request", f"this job made {job['outputs']} video(s)", "index")
         path = state["store"].output_path(job_id, index, variant)
         if not path.is_file():
             raise ApiError(404, "not_found", "the file is gone (deleted by retention)")
