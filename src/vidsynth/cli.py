@@ -24,11 +24,12 @@ FLAGS = {
     "prompt": "PROMPT", "negative_prompt": "--negative", "seed": "--seed", "frames": "--frames", "height": "--height",
     "width": "--width", "steps": "--steps", "guidance": "--guidance", "scheduler": "--scheduler", "eta": "--eta",
     "fps": "--fps", "num_videos": "--num-videos", "preset": "--preset", "cache_interval": "--cache-interval",
-    "guidance_fraction": "--guidance-fraction", "device": "--device", "dtype": "--dtype", "offload": "--offload",
+    "guidance_fraction": "--guidance-fraction", "init_video": "--init-video", "strength": "--strength",
+    "device": "--device", "dtype": "--dtype", "offload": "--offload",
     "compile": "--compile",
 }
 REPLAYED = ("prompt", "negative_prompt", "seed", "frames", "height", "width", "steps", "guidance", "scheduler", "eta", "fps",
-            "cache_interval", "guidance_fraction")
+            "cache_interval", "guidance_fraction", "init_video", "strength")
 
 
 class UsageError(VidsynthError):
@@ -116,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--eta", type=float)
     generate.add_argument("--fps", type=int)
     generate.add_argument("--num-videos", type=int, default=1)
+    generate.add_argument("--init-video", metavar="FILE", help="video-to-video: start from this video (any format "
+                          "vidsynth writes or PyAV reads), resized to the output size; frames and fps default to its own")
+    generate.add_argument("--strength", type=float, help="with --init-video: how far to move from it, the share of "
+                          "the steps run (default 0.75; 1 = from pure noise)")
     generate.add_argument("--allow-empty-prompt", action="store_true", help="allow unconditional generation")
     _add_runtime_options(generate)
     generate.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
@@ -230,6 +235,8 @@ def request_from_args(args) -> tuple[GenerationRequest, str | None]:
     for name in REPLAYED[1:]:  # every stored setting but the prompt, handled above
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
+    if args.init_video is not None:  # recorded in full, so that --from finds it again from anywhere
+        fields["init_video"] = str(Path(args.init_video).expanduser().absolute())
     if args.preset is not None:
         fields["preset"] = args.preset
     fields["num_videos"] = args.num_videos
@@ -252,12 +259,14 @@ def _slug(text: str) -> str:
 
 
 def run_generate(args) -> int:
-    from .pipeline import load
+    from .pipeline import load, read_start_video
     from .progress import ProgressBar
     from .video import check_output_path
 
     request, model = request_from_args(args)
     check_output_path(args.output or "video.mp4")  # fail on a bad path before loading anything
+    if request.init_video is not None:
+        read_start_video(request.init_video)
     if args.output and request.total_videos > 1:
         for path in output_paths(args.output, [None] * request.total_videos):
             check_output_path(path)

@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from .errors import VidsynthError
+from .errors import InputError, VidsynthError
 
 COLORS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 90, 230), "yellow": (240, 220, 40),
@@ -170,7 +170,7 @@ class VideoFolder:
         from .video import read_frames
         try:
             video, _ = read_frames(path)
-        except Exception as exc:  # PyAV raises a family of FFmpeg errors for unreadable files
+        except InputError as exc:
             raise VidsynthError(f"cannot read video {path.name}: {exc}") from None
         if len(video) < self.frames:
             video = np.concatenate([video, np.repeat(video[-1:], self.frames - len(video), axis=0)])

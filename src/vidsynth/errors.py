@@ -36,6 +36,12 @@ class OutputError(VidsynthError):
     exit_code = 2
 
 
+class InputError(VidsynthError):
+    """A video to start from cannot be read (missing, not a video, no frames)."""
+
+    exit_code = 2
+
+
 class NumericalError(VidsynthError):
     """NaN or inf appeared in the latents or decoded frames; the message names a dtype to retry with."""
 

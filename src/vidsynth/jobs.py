@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .errors import RequestError
+
 QUEUED, IN_PROGRESS, COMPLETED, FAILED, CANCELED = "queued", "in_progress", "completed", "failed", "canceled"
 FINISHED = (COMPLETED, FAILED, CANCELED)
 MAX_ATTEMPTS = 3  # runs a job gets when the server keeps dying under it
@@ -103,6 +105,26 @@ class JobStore:
     def output_path(self, job_id: str, index: int, variant: str) -> Path:
         extension, _ = VARIANTS[variant]
         return self.videos_dir / job_id / f"{index}.{extension}"
+
+    def start_video(self, reference: str) -> Path:
+        """The file of a finished video that a request names to start from: a job id ('ID', its first video) or
+        'ID/INDEX'. Over HTTP a request names only videos made here, never a path: the server reads no other file
+        on a client's word."""
+        job_id, _, index = reference.partition("/")
+        if not JOB_ID.match(job_id) or not (index == "" or index.isdigit()):
+            raise RequestError("init_video", "give the id of a completed job on this server ('ID', or 'ID/INDEX' for "
+                                             "another of its videos); files on the server are not read over HTTP")
+        job = self.get(job_id)
+        if job is None:
+            raise RequestError("init_video", f"no video job {job_id!r}")
+        if job["status"] != COMPLETED:
+            raise RequestError("init_video", f"job {job_id} is {job['status']}; start from a completed one")
+        if int(index or 0) >= job["outputs"]:
+            raise RequestError("init_video", f"job {job_id} made {job['outputs']} video(s), numbered from 0")
+        path = self.output_path(job_id, int(index or 0), "video")
+        if not path.is_file():
+            raise RequestError("init_video", f"the video of job {job_id} is gone (deleted by retention)")
+        return path
 
     def _job(self, row: sqlite3.Row) -> dict:
         job = {

@@ -9,6 +9,7 @@ import contextlib
 import inspect
 import math
 import warnings
+from dataclasses import replace
 from typing import Callable, Optional, Union
 
 import numpy as np
@@ -22,12 +23,12 @@ from .convolution import rewritten_convolutions
 from .cpu_memory import available_memory_bytes, free_memory_handed_back, freed_memory_reused
 from .cuda_graphs import CudaGraphedForward
 from .devices import dtype_name, resolve_device, resolve_dtype
-from .errors import NumericalError, RequestError
+from .errors import InputError, NumericalError, RequestError
 from .events import Callback, Event, emit
 from .loading import Components, load_components
-from .request import GenerationRequest
+from .request import MAX_FPS, MAX_FRAMES, GenerationRequest
 from .schedulers import make_scheduler
-from .video import Video
+from .video import Video, read_frames
 
 OFFLOAD_MODES = ("none", "model", "sequential")
 LATENT_CHANNELS = 4
@@ -55,10 +56,23 @@ def load(model: Optional[str] = None, *, device: str = "auto", dtype: str = "aut
                     compile=compile, decode_chunk=decode_chunk)
 
 
-def initial_noise(generator: torch.Generator, frames: int, latent_height: int, latent_width: int) -> torch.Tensor:
-    """The starting latents of one video, from a CPU generator so a seed gives the same video on any machine."""
-    shape = (1, LATENT_CHANNELS, frames, latent_height, latent_width)
-    return torch.randn(shape, generator=generator, dtype=torch.float32)
+def read_start_video(path: str) -> tuple[np.ndarray, Optional[float]]:
+    """The frames and frame rate of a video to start from; RequestError naming init_video if it cannot be read."""
+    try:
+        return read_frames(path)
+    except InputError as exc:
+        raise RequestError("init_video", str(exc)) from None
+
+
+def initial_noise(generator: torch.Generator, frames: int, latent_height: int, latent_width: int,
+                  frames_first: bool = False) -> torch.Tensor:
+    """The starting noise of one video (1 x channels x frames x height x width), from a CPU generator so a seed gives
+    the same video on any machine. `frames_first` draws it frame after frame, as diffusers' video-to-video pipeline
+    does (its text-to-video one draws channel after channel): with it the same seed gives the same video there."""
+    if not frames_first:
+        return torch.randn((1, LATENT_CHANNELS, frames, latent_height, latent_width), generator=generator)
+    noise = torch.randn((frames, LATENT_CHANNELS, latent_height, latent_width), generator=generator)
+    return noise.permute(1, 0, 2, 3).unsqueeze(0)
 
 
 @contextlib.contextmanager
@@ -195,14 +209,20 @@ class Pipeline:
     @torch.inference_mode()  # modules built by hand may still require grad: never keep activations for autograd
     def generate(self, request: GenerationRequest, callback: Callback = None) -> list[Video]:
         """Make every video the request asks for. Raise Cancelled (from the callback) to stop."""
-        request = self.prepare(request)
+        request, source = self._prepare(request)
         scale = self.components.vae_scale_factor
         prompts, count = request.prompts, request.total_videos
-        emit(callback, Event("encode", 0, 1, 0, count))
+        chunk = self.frames_per_chunk(request.height, request.width)
+        encodings = 1 + (math.ceil(request.frames / chunk) if source is not None else 0)
+        emit(callback, Event("encode", 0, encodings, 0, count))
         with self._using(self.components.text_encoder):
             negative = self.encode_text([request.negative_prompt])
             positive = self.encode_text(prompts)
-        emit(callback, Event("encode", 1, 1, 0, count))
+        emit(callback, Event("encode", 1, encodings, 0, count))
+        start = None  # the latents of the video to start from, for video-to-video
+        if source is not None:
+            start = self.encode_video(source, request,
+                                      lambda k, n: emit(callback, Event("encode", 1 + k, 1 + n, 0, count)))
 
         videos = []
         with free_memory_handed_back():  # the host's heap, whatever the device
@@ -211,10 +231,12 @@ class Pipeline:
                 seed = request.seed + index
                 # One generator per video: the initial noise, then any noise a stochastic sampler draws.
                 generator = torch.Generator("cpu").manual_seed(seed)
-                noise = initial_noise(generator, request.frames, request.height // scale, request.width // scale)
+                noise = initial_noise(generator, request.frames, request.height // scale, request.width // scale,
+                                      frames_first=source is not None)
                 low_memory = self.low_memory_mode(noise.shape, batch=1 if request.guidance == 1.0 else 2)
                 latents = self.denoise(noise, positive[prompt_index:prompt_index + 1], negative, request, generator,
-                                       lambda k, n: emit(callback, Event("denoise", k, n, index, count)), low_memory)
+                                       lambda k, n: emit(callback, Event("denoise", k, n, index, count)), low_memory,
+                                       start)
                 frames = self.decode(latents, lambda k, n: emit(callback, Event("decode", k, n, index, count)),
                                      low_memory)
                 settings = self.settings_for(request, prompts[prompt_index], seed)
@@ -224,12 +246,32 @@ class Pipeline:
 
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
         """The request with this model's defaults and a seed filled in, checked against what the model can make."""
-        request = request.resolve(self.defaults)
+        return self._prepare(request)[0]
+
+    def _prepare(self, request: GenerationRequest) -> tuple[GenerationRequest, Optional[np.ndarray]]:
+        """`prepare`, and the frames of the video to start from (video-to-video), as many as the request makes."""
+        defaults, source = self.defaults, None
+        if request.init_video is not None:
+            source, rate = read_start_video(request.init_video)
+            # The start video's length and frame rate stand in for the model's.
+            defaults = replace(defaults, frames=len(source),
+                               fps=min(max(round(rate), 1), MAX_FPS) if rate else defaults.fps)
+        request = request.resolve(defaults)
         scale = self.components.vae_scale_factor
         for side in ("height", "width"):
             if getattr(request, side) % scale:
                 raise RequestError(side, f"must be a multiple of {scale} for this model")
-        return request
+        if source is None:
+            return request, None
+        if request.frames > MAX_FRAMES:  # taken from the start video: a request's own frames are validated
+            raise RequestError("init_video", f"has {len(source)} frames, more than the {MAX_FRAMES} vidsynth makes at "
+                                             f"a time: set frames to start from its first ones")
+        if request.frames > len(source):
+            raise RequestError("frames", f"the video to start from has only {len(source)}")
+        if request.denoising_steps < 1:
+            raise RequestError("strength", f"{request.strength} of {request.steps} steps is less than one step; "
+                               f"raise strength or steps")
+        return request, source[:request.frames]
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         tokenizer = self.components.tokenizer
@@ -241,9 +283,11 @@ class Pipeline:
                               f"so the end is ignored: {text[:60]!r}...", stacklevel=3)
         return self.components.text_encoder(ids.to(self.device)).last_hidden_state
 
-    def denoise(self, latents: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
+    def denoise(self, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
                 request: GenerationRequest, generator: torch.Generator, on_step,
-                low_memory: bool = False) -> torch.Tensor:
+                low_memory: bool = False, start: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The video's latents, denoised from `noise`; or, given the latents of a video to `start` from, from those
+        noised to the level of the last `request.denoising_steps` steps of the schedule, which then run."""
         # Deep-feature reuse runs parts of the UNet by hand, so it always runs them uncompiled.
         unet = DeepFeatureCache(self.components.unet, request.cache_interval, self.unet_forward)
         scheduler = make_scheduler(request.scheduler, self.components.schedule)
@@ -251,18 +295,25 @@ class Pipeline:
         # tables makes the CPU wait for the GPU at every step, and the GPU then idles while the CPU prepares the next
         # step (8 ms a step for the compiled UNet on an H200, BENCHMARKS.md).
         scheduler.set_timesteps(request.steps)
-        unet_timesteps = scheduler.timesteps.to(self.device)
+        first = request.steps - request.denoising_steps
+        timesteps = scheduler.timesteps[first:]
+        unet_timesteps = timesteps.to(self.device)
         step_options = self._step_options(scheduler, request.eta, generator)
-        guided_steps = math.ceil(len(scheduler.timesteps) * request.guidance_fraction) if request.guidance != 1.0 else 0
+        guided_steps = math.ceil(len(timesteps) * request.guidance_fraction) if request.guidance != 1.0 else 0
         both = torch.cat([negative, positive])
         # Latents stay float32 between steps so half-precision models do not accumulate rounding in the sampler.
-        latents = latents.to(self.device) * scheduler.init_noise_sigma
+        if start is None:
+            latents = noise.to(self.device) * scheduler.init_noise_sigma
+        else:
+            if hasattr(scheduler, "set_begin_index"):  # samplers that count their steps start counting at `first`
+                scheduler.set_begin_index(first)
+            latents = scheduler.add_noise(start.to(self.device), noise.to(self.device), timesteps[:1])
         temporal_2d, winograd = convolution_rewrites(self.device, self.compiled, request.cache_interval)
         with (self._using(self.components.unet), text_attention_per_video(self.components.unet, latents.shape[2]),
               rewritten_convolutions(self.components.unet, winograd) if temporal_2d else contextlib.nullcontext(),
               feed_forward_one_frame_at_a_time(self.components.unet) if low_memory else contextlib.nullcontext(),
               freed_memory_reused() if self.device.type == "cpu" and not low_memory else contextlib.nullcontext()):
-            for step, t in enumerate(scheduler.timesteps):
+            for step, t in enumerate(timesteps):
                 if self.compiled and self.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed
                 guided = step < guided_steps
@@ -272,11 +323,35 @@ class Pipeline:
                     unconditional, conditional = noise.chunk(2)
                     noise = unconditional + request.guidance * (conditional - unconditional)
                 latents = scheduler.step(noise, t, latents, **step_options).prev_sample
-                on_step(step + 1, len(scheduler.timesteps))
+                on_step(step + 1, len(timesteps))
         if not torch.isfinite(latents).all():
             raise NumericalError(f"the denoiser produced NaN/inf in {dtype_name(self.dtype)}; "
                                  f"run again with --dtype float32 (or bfloat16)")
         return latents
+
+    def encode_video(self, frames: np.ndarray, request: GenerationRequest, on_chunk) -> torch.Tensor:
+        """The latents of `frames` (uint8, F x H x W x 3) resized to the request's size, scaled as the UNet takes
+        them: 1 x channels x frames x height x width, float32.
+
+        The mode of the VAE's posterior, not a sample from it (diffusers' video-to-video pipeline samples): vidsynth's
+        own models are trained on the mode and their posterior's spread means nothing (about 1), and ModelScope's VAE
+        spreads far less than the noise the strength then adds."""
+        vae = self.components.vae
+        pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
+        if pixels.shape[-2:] != (request.height, request.width):
+            pixels = torch.nn.functional.interpolate(pixels, size=(request.height, request.width), mode="bicubic",
+                                                     antialias=True).clamp(0, 1)
+        chunks = (pixels * 2 - 1).split(self.frames_per_chunk(request.height, request.width))
+        latents = []
+        with self._using(vae):
+            for index, chunk in enumerate(chunks):
+                mode = vae.encode(chunk.to(self.device, self.dtype)).latent_dist.mode()
+                if not torch.isfinite(mode).all():
+                    raise NumericalError(f"the VAE encoder overflowed in {dtype_name(self.dtype)}; "
+                                         f"run again with --dtype float32 (or bfloat16)")
+                latents.append(mode.float())
+                on_chunk(index + 1, len(chunks))
+        return (torch.cat(latents) * vae.config.scaling_factor).permute(1, 0, 2, 3).unsqueeze(0)
 
     def decode(self, latents: torch.Tensor, on_chunk, low_memory: bool = False) -> np.ndarray:
         vae = self.components.vae
@@ -284,7 +359,7 @@ class Pipeline:
         latents = latents.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
         latents = latents / vae.config.scaling_factor
         scale = self.components.vae_scale_factor
-        chunks = latents.split(self.decode_chunk or frames_per_decode(self.device, height * scale, width * scale))
+        chunks = latents.split(self.frames_per_chunk(height * scale, width * scale))
         images = []
         # On the CPU Winograd's transformed tiles, in fresh memory each time, cost as much as they save: with the
         # memory reused, decoding is 1.9x faster (BENCHMARKS.md). The low-memory mode keeps the heap small instead.
@@ -303,15 +378,22 @@ class Pipeline:
 
     def settings_for(self, request: GenerationRequest, prompt: str, seed: int) -> dict:
         """What a video file records about how it was made; enough to make it again."""
-        return {
+        settings = {
             "prompt": prompt, "negative_prompt": request.negative_prompt, "seed": seed, "steps": request.steps,
             "guidance": request.guidance, "scheduler": request.scheduler, "eta": request.eta, "preset": request.preset,
             "cache_interval": request.cache_interval, "guidance_fraction": request.guidance_fraction,
             "frames": request.frames, "height": request.height, "width": request.width, "fps": request.fps,
             "model": self.name, "dtype": dtype_name(self.dtype), "vidsynth_version": __version__,
         }
+        if request.init_video is not None:
+            settings.update(init_video=request.init_video, strength=request.strength)
+        return settings
 
     # ------------------------------------------------------------------------------------------------------ helpers
+
+    def frames_per_chunk(self, height: int, width: int) -> int:
+        """How many frames of `height` x `width` pixels the VAE encodes or decodes at a time."""
+        return self.decode_chunk or frames_per_decode(self.device, height, width)
 
     def low_memory_mode(self, latent_shape: tuple[int, ...], batch: int) -> bool:
         """Whether to make a video in the low-memory mode: feed-forward layers one frame at a time and, on the CPU,

@@ -8,7 +8,8 @@ from .events import Event
 
 
 class ProgressBar:
-    """Callback showing the denoising steps of each video, and the phase in the bar's description."""
+    """Callback showing the denoising steps of each video (before them, the encoding of a video to start from), and
+    the phase in the bar's description."""
 
     def __init__(self, **tqdm_options):
         self.options = {"leave": False, "dynamic_ncols": True, **tqdm_options}
@@ -16,6 +17,11 @@ class ProgressBar:
         self.video = -1
 
     def __call__(self, event: Event) -> None:
+        if event.phase == "encode" and event.total > 1:  # the text, then the chunks of a video to start from
+            if self.bar is None:
+                self.bar = tqdm(total=event.total - 1, desc="encoding the start video", unit="chunk", **self.options)
+            self.bar.update(max(0, event.step - 1) - self.bar.n)
+            return
         if event.phase == "denoise" and (self.bar is None or event.video != self.video):
             self.close()
             self.video = event.video

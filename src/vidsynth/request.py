@@ -6,6 +6,7 @@ loaded model; the seed, when left out, is drawn then, so the resolved request sa
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional, Union
@@ -21,6 +22,10 @@ MAX_STEPS = 500  # DDIM with steps_offset=1 would step past timestep 999 at 1000
 MAX_VIDEOS = 16
 MAX_PROMPTS = 16
 MAX_SEED = 2**63 - 1
+MAX_FPS = 120
+# Video-to-video: the share of the steps run from the start video, noised to match. ZeroScope XL's makers
+# recommend 0.66-0.85 for upscaling with it.
+DEFAULT_STRENGTH = 0.75
 # What diffusers' pipelines (and ModelScope's, for `text`) call these settings: an unknown setting by one of these
 # names gets a pointer to vidsynth's.
 OTHER_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance", "num_frames": "frames",
@@ -79,8 +84,15 @@ class GenerationRequest(BaseModel):
     guidance_fraction: Optional[float] = Field(None, gt=0.0, le=1.0, allow_inf_nan=False, description="Guide only the "
                                                "first share of the steps (1 = all). Default: the preset's.")
     eta: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="DDIM stochasticity (0 = deterministic).")
-    fps: Optional[int] = Field(None, ge=1, le=120)
+    fps: Optional[int] = Field(None, ge=1, le=MAX_FPS)
     num_videos: int = Field(1, ge=1, le=MAX_VIDEOS, description="Videos per prompt.")
+    init_video: Optional[str] = Field(None, min_length=1, max_length=4096, description="Video-to-video: start from "
+                                      "this video (a file or PNG folder; over HTTP, the id of a completed job, "
+                                      "'ID/INDEX' for another of its videos). Its frames are resized to height x "
+                                      "width; frames and fps default to its own.")
+    strength: Optional[float] = Field(None, gt=0.0, le=1.0, allow_inf_nan=False, description="With init_video: how "
+                                      f"far to move from it, the share of the steps run (1 = all, from pure noise). "
+                                      f"Default {DEFAULT_STRENGTH}.")
 
     @field_validator("prompt")
     @classmethod
@@ -99,6 +111,14 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"must be a multiple of 8 (the VAE works on 8x8 pixel blocks), got {side}")
         return side
 
+    @field_validator("strength")
+    @classmethod
+    def _strength_needs_a_video(cls, strength, info: ValidationInfo):
+        # init_video is missing from `info.data` when its own validation failed: that error is the one to report.
+        if strength is not None and "init_video" in info.data and info.data["init_video"] is None:
+            raise ValueError("applies only to video-to-video, with init_video")
+        return strength
+
     @property
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -106,6 +126,14 @@ class GenerationRequest(BaseModel):
     @property
     def total_videos(self) -> int:
         return len(self.prompts) * self.num_videos
+
+    @property
+    def denoising_steps(self) -> int:
+        """The steps that run: all of them, or from a start video the last strength x steps of the schedule (the
+        margin keeps 0.29 x 100 at 29 steps where floating point makes it 28.999...)."""
+        if self.init_video is None:
+            return self.steps
+        return min(self.steps, math.floor(self.steps * self.strength + 1e-6))
 
     def resolve(self, defaults: ModelDefaults) -> "GenerationRequest":
         """Fill every unset field from the preset and the model's defaults, and draw a seed if none was given."""
@@ -117,6 +145,8 @@ class GenerationRequest(BaseModel):
                                                   "cache_interval", "guidance_fraction") if getattr(self, name) is None}
         if self.seed is None:
             filled["seed"] = secrets.randbelow(2**32)
+        if self.init_video is not None and self.strength is None:
+            filled["strength"] = DEFAULT_STRENGTH
         return self.model_copy(update=filled)
 
     @classmethod

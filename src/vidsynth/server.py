@@ -28,7 +28,7 @@ from .devices import dtype_name
 from .errors import RequestError
 from .jobs import CANCELED, COMPLETED, FAILED, FINISHED, QUEUED, VARIANTS, IdempotencyConflict, JobStore
 from .request import PRESETS, SCHEDULERS, GenerationRequest, field_errors
-from .worker import TERMINAL_EVENTS, EventLog, Worker
+from .worker import TERMINAL_EVENTS, EventLog, Worker, with_start_file
 
 TOKEN_COOKIE = "vidsynth_token"
 KEEPALIVE_SECONDS = 15.0
@@ -149,9 +149,10 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
             raise ApiError(429, "queue_full", f"{settings.max_queue} jobs are waiting; try again later",
                            headers={"Retry-After": "10"})
         try:
-            resolved = pipeline.prepare(body)
+            resolved = pipeline.prepare(with_start_file(body, store))
         except RequestError as exc:
             raise ApiError(422, "invalid_request", exc.message, exc.field) from None
+        resolved = resolved.model_copy(update={"init_video": body.init_video})  # the job records the id, not a path
         try:
             job, created = store.create(resolved.model_dump(mode="json"), resolved.total_videos, idempotency_key,
                                         submitted=body.model_dump(mode="json", exclude_unset=True))

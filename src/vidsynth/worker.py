@@ -50,6 +50,13 @@ class EventLog:
             return list(self._events.get(job_id, ())[index:])
 
 
+def with_start_file(request: GenerationRequest, store: JobStore) -> GenerationRequest:
+    """The request with the job id it names to start from (video-to-video) replaced by that video's file."""
+    if request.init_video is None:
+        return request
+    return request.model_copy(update={"init_video": str(store.start_video(request.init_video))})
+
+
 class ServerStopping(Exception):
     """Raised from the progress callback when the server shuts down mid-job; the job goes back to the queue."""
 
@@ -106,7 +113,10 @@ class Worker:
                                     video=event.video, videos=event.videos, progress=round(event.progress * 100, 1))
 
         try:
-            videos = self.pipeline.generate(request, on_event)
+            videos = self.pipeline.generate(with_start_file(request, self.store), on_event)
+            if request.init_video is not None:
+                for video in videos:
+                    video.settings["init_video"] = request.init_video  # the job id, as the job records it
             on_event(Event("write", 0, 1, len(videos) - 1, len(videos)))
             self._write_outputs(job_id, videos)
         except ServerStopping:
