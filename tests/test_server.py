@@ -323,3 +323,42 @@ def test_the_readme_names_every_field_a_job_takes():
     row = next(line for line in readme.splitlines() if line.startswith("| `POST /v1/videos` |"))
     fields = re.findall(r"`([a-z_]+)`", row.split("(as the CLI:", 1)[1].split(")", 1)[0])
     assert sorted(fields) == sorted(GenerationRequest.model_fields)
+
+
+def test_a_job_starts_from_a_finished_jobs_video(client, server):
+    red = wait_for(client, submit(client, prompt="a red circle moving right on a white background", seed=1, **FAST)["id"])
+    job = submit(client, prompt="a blue circle moving right on a white background", init_video=red["id"], strength=0.5,
+                 seed=2, steps=4)
+    assert job["request"]["init_video"] == red["id"] and job["request"]["frames"] == 8  # the start video's length
+    done = wait_for(client, job["id"])
+    assert done["status"] == "completed", done["error"]
+    frames = _decode_mp4(client.get(f"/v1/videos/{job['id']}/content").content)
+    start = _decode_mp4(client.get(f"/v1/videos/{red['id']}/content").content)
+    assert frames.shape == start.shape == (8, 64, 64, 3)
+    assert (frames[..., 2].astype(int) - frames[..., 0]).mean() > 0 > (start[..., 2].astype(int) - start[..., 0]).mean()
+    with open(server.data_dir / "videos" / job["id"] / "0.mp4", "rb") as handle:  # the file names the job, not a path
+        assert f'"init_video":"{red["id"]}"' in handle.read().decode("latin-1")
+
+    by_index = submit(client, init_video=f"{red['id']}/0", strength=0.3, steps=4)
+    assert wait_for(client, by_index["id"])["status"] == "completed"
+
+
+def test_start_videos_that_are_not_finished_jobs_get_422(client, server, tmp_path):
+    finished = wait_for(client, submit(client, **FAST)["id"])
+    unfinished = submit(client, **SLOW)
+    some_file = tmp_path / "start.npy"
+    np.save(some_file, np.zeros((4, 64, 64, 3), np.uint8))
+    cases = [
+        (str(some_file), "files on the server are not read over HTTP"),
+        ("video_" + "0" * 24, "no video job"),
+        (unfinished["id"], "start from a completed one"),
+        (f"{finished['id']}/1", "made 1 video(s), numbered from 0"),
+    ]
+    for reference, message in cases:
+        response = client.post("/v1/videos", json={"prompt": PROMPT, "init_video": reference})
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["field"] == "init_video" and message in error["message"], error
+    response = client.post("/v1/videos", json={"prompt": PROMPT, "strength": 0.5})
+    assert response.status_code == 422 and response.json()["error"]["field"] == "strength"
+    client.post(f"/v1/videos/{unfinished['id']}/cancel")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import httpx
 import pytest
 
 from conftest import LiveServer
@@ -73,7 +74,25 @@ def test_make_watch_download_cancel_and_history(browser, site, artifacts, tmp_pa
     frames, fps = read_frames(saved)
     assert frames.shape == (16, 64, 64, 3) and fps == 8
 
+    # The next video starts from this one, then "start from noise" goes back to text-to-video.
+    first = httpx.get(f"{site.url}/v1/videos", params={"limit": 1}).json()["data"][0]
+    assert page.is_hidden("#start-from")
+    page.click("#start-from-this")
+    assert page.is_visible("#start-from") and first["id"] in page.text_content("#start-video")
+    page.fill("#prompt", "a blue circle moving left on a black background")
+    page.fill("#strength", "0.5")
+    page.click("#submit")
+    page.wait_for_function(f"current && current.id !== '{first['id']}' && !document.querySelector('#player').hidden",
+                           timeout=120_000)
+    restyled = httpx.get(f"{site.url}/v1/videos", params={"limit": 1}).json()["data"][0]
+    assert restyled["request"]["init_video"] == first["id"] and restyled["request"]["strength"] == 0.5
+    assert restyled["status"] == "completed" and restyled["request"]["frames"] == 16
+    page.screenshot(path=str(artifacts / "web-page-video-to-video.png"), full_page=True)
+    page.click("#clear-start")
+    assert page.is_hidden("#start-from") and page.input_value("#init_video") == ""
+
     # A long job, cancelled from the page.
+    page.fill("#prompt", "a red circle moving left on a black background")
     page.fill("#steps", "400")
     page.click("#submit")
     page.wait_for_function("document.querySelector('#phase').textContent.includes('denoising step')")
@@ -81,16 +100,19 @@ def test_make_watch_download_cancel_and_history(browser, site, artifacts, tmp_pa
     page.wait_for_function("document.querySelector('#job-status').textContent === 'canceled'")
     assert not page.is_visible("#cancel") and not page.is_visible("#player")
 
-    # After a reload the history lists both jobs; "use these settings" refills the form.
+    # After a reload the history lists the jobs; "use these settings" refills the form, start video included.
     page.reload()
-    page.wait_for_function("document.querySelectorAll('#history li').length >= 2")
+    page.wait_for_function("document.querySelectorAll('#history li').length >= 3")
     items = page.locator("#history li")
-    assert "canceled" in items.nth(0).text_content() and "completed" in items.nth(1).text_content()
-    assert "seed 5" in items.nth(1).text_content()
-    page.wait_for_function("document.querySelector('#history li:nth-child(2) img').naturalWidth > 0")
+    assert "canceled" in items.nth(0).text_content() and "completed" in items.nth(2).text_content()
+    assert "seed 5" in items.nth(2).text_content()
+    page.wait_for_function("document.querySelector('#history li:nth-child(3) img').naturalWidth > 0")
     items.nth(1).locator("button.reuse").click()
+    assert page.input_value("#init_video") == first["id"] and page.input_value("#strength") == "0.5"
+    items.nth(2).locator("button.reuse").click()
     assert page.input_value("#seed") == "5" and page.input_value("#steps") == "60"
-    items.nth(1).locator(".text").click()
+    assert page.is_hidden("#start-from")
+    items.nth(2).locator(".text").click()
     page.wait_for_function("document.querySelector('#player').readyState >= 2")
     page.screenshot(path=str(artifacts / "web-page-history.png"), full_page=True)
     assert errors == []

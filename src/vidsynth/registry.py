@@ -42,7 +42,7 @@ KNOWN_MODELS = {
                    "ZeroScope v2 576w: watermark-free fine-tune, 24 frames at 576x320"),
         KnownModel("zeroscope-xl", "hf:cerspense/zeroscope_v2_XL",
                    ModelDefaults(frames=24, height=576, width=1024, steps=40, guidance=9.0, fps=8),
-                   "ZeroScope v2 XL: 1024x576, text-to-video (not its makers' video-to-video upscaling)"),
+                   "ZeroScope v2 XL: 1024x576, made to upscale zeroscope-576w videos (--init-video, strength 0.66-0.85)"),
     ]
 }
 HUB_IDS = {model.source.split(":", 1)[1]: model for model in KNOWN_MODELS.values() if not model.source.startswith("package:")}

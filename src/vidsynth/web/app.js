@@ -1,8 +1,9 @@
 // The vidsynth page: a form that posts to /v1/videos, a live view of the job from its event stream, and a history.
 "use strict";
 
-const FIELDS = ["prompt", "negative_prompt", "preset", "seed", "frames", "width", "height", "steps", "guidance", "scheduler"];
-const NUMBERS = new Set(["seed", "frames", "width", "height", "steps", "guidance"]);
+const FIELDS = ["prompt", "negative_prompt", "preset", "seed", "frames", "width", "height", "steps", "guidance", "scheduler",
+                "init_video", "strength"];
+const NUMBERS = new Set(["seed", "frames", "width", "height", "steps", "guidance", "strength"]);
 const $ = (id) => document.getElementById(id);
 let current = null; // the job shown in the job panel
 let stream = null; // its EventSource
@@ -43,6 +44,7 @@ function readForm() {
   for (const name of FIELDS) {
     const value = $(name).value.trim();
     if (value === "" && name !== "prompt") continue;
+    if (name === "strength" && !request.init_video) continue; // strength belongs to a start video
     request[name] = NUMBERS.has(name) ? Number(value) : value;
   }
   return request;
@@ -53,8 +55,17 @@ function fillForm(request) {
     const value = request[name];
     $(name).value = Array.isArray(value) ? value[0] : (value ?? "");
   }
+  startFrom(request.init_video);
   $("advanced").open = true;
   window.scrollTo({ top: 0, behavior: "smooth" });
+}
+
+// Video-to-video: the next job starts from a finished job's video (by id), or from noise when `id` is empty.
+function startFrom(id) {
+  $("init_video").value = id || "";
+  $("start-video").textContent = id || "";
+  $("start-from").hidden = !id;
+  if (!id) $("strength").value = "";
 }
 
 async function submit(event) {
@@ -98,6 +109,7 @@ function show(job) {
   $("player").removeAttribute("src");
   $("download").hidden = true;
   $("reuse").hidden = false;
+  $("start-from-this").hidden = true;
   $("cancel").hidden = !["queued", "in_progress"].includes(job.status);
   if (job.status === "completed") return play(job);
   if (["queued", "in_progress"].includes(job.status)) follow(job.id);
@@ -135,6 +147,7 @@ function play(job) {
   $("download").href = url;
   $("download").download = `${job.id}.mp4`;
   $("download").hidden = false;
+  $("start-from-this").hidden = false;
   $("cancel").hidden = true;
 }
 
@@ -188,6 +201,12 @@ async function start() {
   $("form").addEventListener("submit", submit);
   $("cancel").addEventListener("click", cancel);
   $("reuse").addEventListener("click", () => current && fillForm(current.request));
+  $("start-from-this").addEventListener("click", () => {
+    startFrom(current.id);
+    window.scrollTo({ top: 0, behavior: "smooth" });
+    $("prompt").focus();
+  });
+  $("clear-start").addEventListener("click", () => startFrom(""));
   try {
     const settings = await api("/v1/settings");
     $("model").textContent = `model: ${settings.model}`;
