@@ -136,6 +136,10 @@ def test_settings_that_do_not_fit_the_start_video_are_named(shipped_pipeline, st
     with pytest.raises(RequestError) as error:
         GenerationRequest.create(prompt="x", init_video="a.mp4", strength=0)
     assert error.value.field == "strength"
+    with pytest.raises(RequestError) as error:
+        shipped_pipeline("x", init_video=Video(START), progress=False)
+    assert error.value.field == "init_video" and "save it first" in error.value.message
+    assert GenerationRequest(prompt="x", init_video=start_file).init_video == str(start_file)  # a Path is taken
 
 
 def test_long_start_videos_need_frames_set(tmp_path, shipped_pipeline):

@@ -7,6 +7,7 @@ loaded model; the seed, when left out, is drawn then, so the resolved request sa
 from __future__ import annotations
 
 import math
+import os
 import secrets
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional, Union
@@ -110,6 +111,18 @@ class GenerationRequest(BaseModel):
         if side is not None and side % 8:
             raise ValueError(f"must be a multiple of 8 (the VAE works on 8x8 pixel blocks), got {side}")
         return side
+
+    @field_validator("init_video", mode="before")
+    @classmethod
+    def _a_path(cls, init_video):
+        if isinstance(init_video, os.PathLike):
+            return os.fspath(init_video)
+        if init_video is not None and not isinstance(init_video, str):
+            hint = (": save it first, video.save('start.mp4'), so that the settings recorded with the new video can "
+                    "name it") if hasattr(init_video, "save") else ""
+            raise ValueError(f"must name a video (a file's path; over HTTP, a job's id), got "
+                             f"{type(init_video).__name__}{hint}")
+        return init_video
 
     @field_validator("strength")
     @classmethod
