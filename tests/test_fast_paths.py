@@ -1,7 +1,7 @@
 """Fast paths that must not change the result beyond rounding: the prompt's keys and values once per video, Winograd
-convolutions on the CPU (UNet and VAE decoder), the compiled UNet, CUDA graphs; a sampler that never waits for the
-device between steps; and on the CPU freed memory reused while denoising and decoding, or the low-memory mode when a
-video would not fit."""
+convolutions on the CPU (UNet, VAE decoder and encoder), the compiled UNet, CUDA graphs; a sampler that never waits
+for the device between steps; and on the CPU freed memory reused while denoising, decoding and encoding, or the
+low-memory mode when a video would not fit."""
 
 import contextlib
 import functools
@@ -18,6 +18,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 
 import vidsynth
+from vidsynth import GenerationRequest
 from conftest import randomize, tiny_unet
 from vidsynth.attention import text_attention_per_video
 from vidsynth.caching import noise_prediction
@@ -147,6 +148,30 @@ def test_decoding_on_the_cpu_runs_winograd_convolutions_with_the_plain_frames(ti
     assert spatial and winograd_kernels == [(3, 3)] * len(spatial)  # every 3x3 layer ran in Winograd's algorithm
     assert all(type(m) is torch.nn.Conv2d for m in spatial)  # restored after decoding
     assert fast.shape == plain.shape and np.abs(fast.astype(int) - plain).max() <= 1
+
+
+def test_encoding_a_start_video_on_the_cpu_runs_winograd_convolutions_with_the_plain_latents(tiny_pipeline,
+                                                                                             monkeypatch):
+    monkeypatch.setattr(convolution, "WINOGRAD_MIN_CHANNELS", 1)
+    vae = tiny_pipeline.components.vae
+    frames = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    with torch.no_grad():
+        pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
+        plain = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
+    spatial = [m for m in vae.encoder.modules() if is_3x3(m)]
+    winograd_kernels = []
+    real_winograd = convolution.winograd_conv2d
+
+    def counting_winograd(input, weight, bias):
+        winograd_kernels.append(tuple(weight.shape[-2:]))
+        return real_winograd(input, weight, bias)
+
+    request = GenerationRequest(prompt="x", frames=3, height=32, width=32, init_video="start.npy")
+    with unittest.mock.patch.object(convolution, "winograd_conv2d", counting_winograd):
+        fast = tiny_pipeline.encode_video(frames, request, lambda k, n: None)
+    assert spatial and len(winograd_kernels) >= len(spatial)  # the encoder's 3x3 layers (stride 1) ran in Winograd's
+    assert all(type(m) is torch.nn.Conv2d for m in spatial)  # restored after encoding
+    torch.testing.assert_close(fast[0].transpose(0, 1), plain, rtol=0, atol=1e-4 * plain.abs().max().item())
 
 
 def test_the_cpu_decodes_a_pixel_budget_at_a_time_other_devices_8_frames(tiny_model_dir):
@@ -394,18 +419,21 @@ def test_freed_memory_is_reused_within_the_block_and_handed_back_after():
 
 
 @glibc_only
-@pytest.mark.parametrize("phase", ["denoise", "decode"])
+@pytest.mark.parametrize("phase, step", [("denoise", 1), ("decode", 1), ("encode", 2)])  # encode 2: the start video
 @pytest.mark.parametrize("low_memory", [False, True])
-def test_the_cpu_pipeline_reuses_freed_memory_except_in_the_low_memory_mode(tiny_model_dir, phase, low_memory):
+def test_the_cpu_pipeline_reuses_freed_memory_except_in_the_low_memory_mode(tiny_model_dir, phase, step, low_memory,
+                                                                            tmp_path):
     pipeline = vidsynth.load(str(tiny_model_dir), device="cpu", dtype="float32", forward_chunking=low_memory)
     faults = []
 
     def measure(event):
-        if event.phase == phase and event.step == 1:
+        if event.phase == phase and event.step == step:
             fill_and_free(3)  # as in the test above, where the blocks after these reuse their memory
             faults.append(faults_while(lambda: fill_and_free(4)))
 
-    pipeline("a red circle", frames=2, height=32, width=32, steps=2, seed=0, callback=measure)
+    np.save(tmp_path / "start.npy", np.zeros((2, 32, 32, 3), np.uint8))
+    start = {"init_video": str(tmp_path / "start.npy")} if phase == "encode" else {}
+    pipeline("a red circle", frames=2, height=32, width=32, steps=2, seed=0, callback=measure, **start)
     assert faults
     if low_memory:
         assert faults[0] > PAGES  # every block arrived as fresh pages

@@ -1,4 +1,5 @@
-"""The text-to-video pipeline: text encoding, classifier-free-guided denoising of video latents, frame decoding.
+"""The text-to-video pipeline: text encoding, classifier-free-guided denoising of video latents (from noise, or from
+a start video's latents for video-to-video), frame decoding.
 
 `load()` gives a Pipeline; `Pipeline.generate(request, callback)` is the one function every front end calls.
 """
@@ -318,11 +319,11 @@ class Pipeline:
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed
                 guided = step < guided_steps
                 model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
-                noise = unet(model_input.to(self.dtype), unet_timesteps[step], both if guided else positive).float()
+                predicted = unet(model_input.to(self.dtype), unet_timesteps[step], both if guided else positive).float()
                 if guided:
-                    unconditional, conditional = noise.chunk(2)
-                    noise = unconditional + request.guidance * (conditional - unconditional)
-                latents = scheduler.step(noise, t, latents, **step_options).prev_sample
+                    unconditional, conditional = predicted.chunk(2)
+                    predicted = unconditional + request.guidance * (conditional - unconditional)
+                latents = scheduler.step(predicted, t, latents, **step_options).prev_sample
                 on_step(step + 1, len(timesteps))
         if not torch.isfinite(latents).all():
             raise NumericalError(f"the denoiser produced NaN/inf in {dtype_name(self.dtype)}; "
@@ -343,7 +344,7 @@ class Pipeline:
                                                      antialias=True).clamp(0, 1)
         chunks = (pixels * 2 - 1).split(self.frames_per_chunk(request.height, request.width))
         latents = []
-        with self._using(vae):
+        with self._using(vae), self._vae_convolutions(low_memory=bool(self.forward_chunking)):
             for index, chunk in enumerate(chunks):
                 mode = vae.encode(chunk.to(self.device, self.dtype)).latent_dist.mode()
                 if not torch.isfinite(mode).all():
@@ -361,11 +362,7 @@ class Pipeline:
         scale = self.components.vae_scale_factor
         chunks = latents.split(self.frames_per_chunk(height * scale, width * scale))
         images = []
-        # On the CPU Winograd's transformed tiles, in fresh memory each time, cost as much as they save: with the
-        # memory reused, decoding is 1.9x faster (BENCHMARKS.md). The low-memory mode keeps the heap small instead.
-        fast = self.device.type == "cpu" and not low_memory
-        with (self._using(vae), rewritten_convolutions(vae) if fast else contextlib.nullcontext(),
-              freed_memory_reused() if fast else contextlib.nullcontext()):
+        with self._using(vae), self._vae_convolutions(low_memory):
             for index, chunk in enumerate(chunks):
                 decoded = vae.decode(chunk.to(self.dtype)).sample.float()
                 if not torch.isfinite(decoded).all():
@@ -413,6 +410,17 @@ class Pipeline:
                       f"GiB is available: denoising in the low-memory mode (slower; --forward-chunking or "
                       f"--no-forward-chunking choose the mode yourself)", stacklevel=2)
         return True
+
+    @contextlib.contextmanager
+    def _vae_convolutions(self, low_memory: bool):
+        """How the VAE's convolutions run. On the CPU Winograd's transformed tiles, in fresh memory each time, cost as
+        much as they save: with the memory reused, decoding and encoding are 1.9x faster (BENCHMARKS.md). The
+        low-memory mode keeps the heap small instead."""
+        if self.device.type != "cpu" or low_memory:
+            yield
+            return
+        with rewritten_convolutions(self.components.vae), freed_memory_reused():
+            yield
 
     @contextlib.contextmanager
     def _using(self, module: torch.nn.Module):
