@@ -184,8 +184,10 @@ def test_cli_bad_start_video_settings_exit_2_before_loading(args, message, tmp_p
 
 def test_read_frames_reads_every_format_vidsynth_writes(tmp_path):
     for name in ("clip.mp4", "clip.webm", "clip.gif", "clip.npy", "frames"):
-        frames, rate = read_frames(Video(START, fps=8).save(tmp_path / name))
+        path = Video(START, fps=8).save(tmp_path / name)
+        frames, rate = read_frames(path)
         assert frames.shape == START.shape and frames.dtype == np.uint8
+        assert read_frames(path, limit=2)[0].shape == (2, *START.shape[1:])  # a long video is not read to its end
         if name in ("clip.npy", "frames"):
             assert np.array_equal(frames, START) and rate is None
         else:

@@ -58,9 +58,10 @@ def load(model: Optional[str] = None, *, device: str = "auto", dtype: str = "aut
 
 
 def read_start_video(path: str) -> tuple[np.ndarray, Optional[float]]:
-    """The frames and frame rate of a video to start from; RequestError naming init_video if it cannot be read."""
+    """The frames and frame rate of a video to start from, up to one more frame than a request may make (enough to
+    tell a video that is too long); RequestError naming init_video if it cannot be read."""
     try:
-        return read_frames(path)
+        return read_frames(path, limit=MAX_FRAMES + 1)
     except InputError as exc:
         raise RequestError("init_video", str(exc)) from None
 
@@ -265,8 +266,8 @@ class Pipeline:
         if source is None:
             return request, None
         if request.frames > MAX_FRAMES:  # taken from the start video: a request's own frames are validated
-            raise RequestError("init_video", f"has {len(source)} frames, more than the {MAX_FRAMES} vidsynth makes at "
-                                             f"a time: set frames to start from its first ones")
+            raise RequestError("init_video", f"has more than the {MAX_FRAMES} frames vidsynth makes at a time: set "
+                                             f"frames to start from its first ones")
         if request.frames > len(source):
             raise RequestError("frames", f"the video to start from has only {len(source)}")
         if request.denoising_steps < 1:

@@ -10,6 +10,7 @@ generation settings go into the container's metadata (mp4, webm) and into a JSON
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import secrets
@@ -233,30 +234,32 @@ def _read_json(path: Path) -> dict:
         raise OutputError(f"{path} is not valid JSON: {exc}") from None
 
 
-def read_frames(path: PathLike) -> tuple[np.ndarray, Optional[float]]:
-    """A video as uint8 frames (F x H x W x 3) and its frame rate: any file PyAV decodes, or what vidsynth writes
-    without a rate (.npy, a folder of PNG frames: rate None). InputError when it cannot be read."""
+def read_frames(path: PathLike, limit: Optional[int] = None) -> tuple[np.ndarray, Optional[float]]:
+    """A video as uint8 frames (F x H x W x 3), its first `limit` only if given, and its frame rate: any file PyAV
+    decodes, or what vidsynth writes without a rate (.npy, a folder of PNG frames: rate None). InputError when it
+    cannot be read."""
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"{path} does not exist")
     try:
         if path.is_dir():
-            frames = [np.asarray(Image.open(png).convert("RGB")) for png in sorted(path.glob("*.png"))]
-            rate = None
+            pngs = sorted(path.glob("*.png"))[:limit]
+            frames, rate = [np.asarray(Image.open(png).convert("RGB")) for png in pngs], None
         elif path.suffix.lower() == ".npy":
-            frames, rate = np.load(path, allow_pickle=False), None
+            frames, rate = np.load(path, mmap_mode="r", allow_pickle=False)[:limit], None
         else:
             with av.open(str(path)) as container:
                 if not container.streams.video:
                     raise InputError(f"{path} has no video stream")
                 stream = container.streams.video[0]
-                frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+                decoded = itertools.islice(container.decode(stream), limit)
+                frames = [frame.to_ndarray(format="rgb24") for frame in decoded]
                 rate = float(stream.average_rate or stream.guessed_rate or 0) or None
+        if len(frames) == 0:
+            raise InputError(f"{path} holds no frames" + (" (no .png files)" if path.is_dir() else ""))
+        frames = np.stack(frames) if isinstance(frames, list) else np.array(frames)
     except (av.FFmpegError, OSError, ValueError) as exc:
         raise InputError(f"{path} is not a readable video: {exc}") from None
-    if len(frames) == 0:
-        raise InputError(f"{path} holds no frames" + (" (no .png files)" if path.is_dir() else ""))
-    frames = np.stack(frames) if isinstance(frames, list) else frames
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise InputError(f"{path} must hold uint8 frames x height x width x 3, not {frames.dtype} {frames.shape}")
     return frames, rate
