@@ -192,3 +192,16 @@ def test_read_frames_reads_every_format_vidsynth_writes(tmp_path):
             assert np.array_equal(frames, START) and rate is None
         else:
             assert round(rate) == 8  # a GIF counts in hundredths of a second: 12 a frame
+
+
+def test_the_progress_bar_shows_the_start_videos_encoding_then_the_steps(shipped_pipeline, start_file):
+    from io import StringIO
+
+    from vidsynth.progress import ProgressBar
+    shown = StringIO()
+    with ProgressBar(file=shown, leave=True, dynamic_ncols=False, ncols=100) as bar:
+        shipped_pipeline.generate(GenerationRequest(prompt="a red circle", init_video=str(start_file), seed=0), bar)
+    lines = shown.getvalue().replace("\r", "\n")
+    assert "encoding the start video: 100%" in lines and "1/1 [" in lines
+    assert "denoising: 100%" in lines and "4/4 [" in lines  # 0.75 of the shipped model's 6 steps
+    assert lines.index("encoding the start video") < lines.index("denoising")
