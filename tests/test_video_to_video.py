@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from diffusers import VideoToVideoSDPipeline
 
 import vidsynth
@@ -89,6 +90,22 @@ def test_the_shipped_model_keeps_the_motion_and_takes_the_new_prompt(shipped_pip
     light = shipped_pipeline(prompt, init_video=str(path), strength=0.2, seed=2, progress=False)
     assert np.abs(light.frames.astype(int) - source.frames).mean() < 12
     assert _blueness(light.frames) < 0
+
+
+def test_a_still_image_starts_every_frame_and_the_prompt_sets_the_motion(shipped_pipeline, tmp_path):
+    image = np.full((64, 64, 3), 255, np.uint8)
+    image[24:40, 8:24] = (220, 30, 30)  # a red square left of the centre, its centre at (15.5, 31.5)
+    Image.fromarray(image).save(tmp_path / "square.png")
+    motion = {}
+    for direction in ("right", "down"):
+        video = shipped_pipeline(f"a red square moving {direction} on a white background",
+                                 init_video=str(tmp_path / "square.png"), strength=0.9, seed=1, progress=False)
+        assert video.frames.shape == (16, 64, 64, 3) and video.fps == 8  # the model's length and rate
+        track = _track(video.frames)
+        assert np.linalg.norm(track[8] - (15.5, 31.5)) < 4  # passes where the image has it
+        motion[direction] = track[-1] - track[0]
+    (right_x, right_y), (down_x, down_y) = motion["right"], motion["down"]
+    assert right_x > 8 and right_x > abs(right_y) and down_y > 8 and down_y > abs(down_x), motion
 
 
 def test_frames_and_rate_come_from_the_start_video_and_its_frames_are_resized(shipped_pipeline, tmp_path):

@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--fps", type=int)
     generate.add_argument("--num-videos", type=int, default=1)
     generate.add_argument("--init-video", metavar="FILE", help="video-to-video: start from this video (any format "
-                          "vidsynth writes or PyAV reads), resized to the output size; frames and fps default to its own")
+                          "vidsynth writes or PyAV reads; an image starts every frame), resized to the output size; "
+                          "frames and fps default to the video's")
     generate.add_argument("--strength", type=float, help="with --init-video: how far to move from it, the share of "
                           "the steps run (default 0.75; 1 = from pure noise)")
     generate.add_argument("--allow-empty-prompt", action="store_true", help="allow unconditional generation")

@@ -251,13 +251,14 @@ class Pipeline:
         return self._prepare(request)[0]
 
     def _prepare(self, request: GenerationRequest) -> tuple[GenerationRequest, Optional[np.ndarray]]:
-        """`prepare`, and the frames of the video to start from (video-to-video), as many as the request makes."""
+        """`prepare`, and the frames of the video to start from (video-to-video; a still image is repeated), as many
+        as the request makes."""
         defaults, source = self.defaults, None
         if request.init_video is not None:
             source, rate = read_start_video(request.init_video)
-            # The start video's length and frame rate stand in for the model's.
-            defaults = replace(defaults, frames=len(source),
-                               fps=min(max(round(rate), 1), MAX_FPS) if rate else defaults.fps)
+            if len(source) > 1:  # the start video's length and frame rate stand in for the model's
+                defaults = replace(defaults, frames=len(source),
+                                   fps=min(max(round(rate), 1), MAX_FPS) if rate else defaults.fps)
         request = request.resolve(defaults)
         scale = self.components.vae_scale_factor
         for side in ("height", "width"):
@@ -265,6 +266,8 @@ class Pipeline:
                 raise RequestError(side, f"must be a multiple of {scale} for this model")
         if source is None:
             return request, None
+        if len(source) == 1:  # a still image: every frame starts from it (image-to-video)
+            source = np.repeat(source, request.frames, axis=0)
         if request.frames > MAX_FRAMES:  # taken from the start video: a request's own frames are validated
             raise RequestError("init_video", f"has more than the {MAX_FRAMES} frames vidsynth makes at a time: set "
                                              f"frames to start from its first ones")
