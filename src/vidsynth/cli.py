@@ -28,8 +28,8 @@ FLAGS = {
     "device": "--device", "dtype": "--dtype", "offload": "--offload",
     "compile": "--compile",
 }
-REPLAYED = ("prompt", "negative_prompt", "seed", "frames", "height", "width", "steps", "guidance", "scheduler", "eta", "fps",
-            "cache_interval", "guidance_fraction", "init_video", "strength")
+REPLAYED = ("prompt", "negative_prompt", "seed", "frames", "height", "width", "steps", "guidance", "scheduler", "eta",
+            "fps", "cache_interval", "guidance_fraction", "init_video", "strength")
 
 
 class UsageError(VidsynthError):
