@@ -362,3 +362,14 @@ def test_start_videos_that_are_not_finished_jobs_get_422(client, server, tmp_pat
     response = client.post("/v1/videos", json={"prompt": PROMPT, "strength": 0.5})
     assert response.status_code == 422 and response.json()["error"]["field"] == "strength"
     client.post(f"/v1/videos/{unfinished['id']}/cancel")
+
+
+def test_a_start_video_deleted_before_its_job_runs_fails_that_job_with_the_reason(client):
+    start = wait_for(client, submit(client, **FAST)["id"])
+    blocker = submit(client, **SLOW)
+    waiting = submit(client, init_video=start["id"], steps=4)
+    assert client.delete(f"/v1/videos/{start['id']}").status_code == 200
+    client.post(f"/v1/videos/{blocker['id']}/cancel")
+    failed = wait_for(client, waiting["id"])
+    assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_request"
+    assert failed["error"]["message"] == f"init_video: no video job {start['id']!r}"

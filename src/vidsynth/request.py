@@ -142,8 +142,8 @@ class GenerationRequest(BaseModel):
 
     @property
     def denoising_steps(self) -> int:
-        """The steps that run: all of them, or from a start video the last strength x steps of the schedule (the
-        margin keeps 0.29 x 100 at 29 steps where floating point makes it 28.999...)."""
+        """The steps a resolved request runs: all of them, or from a start video the last strength x steps of the
+        schedule (the margin keeps 0.29 x 100 at 29 steps where floating point makes it 28.999...)."""
         if self.init_video is None:
             return self.steps
         return min(self.steps, math.floor(self.steps * self.strength + 1e-6))
