@@ -167,7 +167,8 @@ def _encode(path: str, frames: np.ndarray, fps: int, codec: str, settings: dict,
         stream.pix_fmt = "yuv420p"
         # x264's "fast" preset and VP9's cpu-used 2 wrote 1.4-1.9x faster than the encoders' defaults, files as close
         # to the frames and no larger (BENCHMARKS.md, "Writing the video file").
-        stream.options = {"crf": "18", "preset": "fast"} if codec == "libx264" else {"crf": "24", "b": "0", "cpu-used": "2"}
+        x264, vp9 = {"crf": "18", "preset": "fast"}, {"crf": "24", "b": "0", "cpu-used": "2"}
+        stream.options = x264 if codec == "libx264" else vp9
         for frame in frames:
             # Converted here rather than by the encoder: that conversion varied from run to run.
             picture = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
