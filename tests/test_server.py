@@ -373,3 +373,62 @@ def test_a_start_video_deleted_before_its_job_runs_fails_that_job_with_the_reaso
     failed = wait_for(client, waiting["id"])
     assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_request"
     assert failed["error"]["message"] == f"init_video: no video job {start['id']!r}"
+
+
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_an_uploaded_image_starts_a_job(client, server):
+    image = np.full((48, 80, 3), 255, np.uint8)
+    image[16:32, 8:24] = (220, 30, 30)
+    response = client.post("/v1/uploads", content=_png(image), headers={"Content-Type": "image/png"})
+    assert response.status_code == 201, response.text
+    upload = response.json()
+    assert upload["id"].startswith("upload_") and (upload["width"], upload["height"]) == (80, 48)
+    job = submit(client, prompt="a red square moving right on a white background", init_video=upload["id"],
+                 strength=0.9, seed=1, steps=6)
+    assert job["request"]["init_video"] == upload["id"] and job["request"]["frames"] == 16  # the model's, for an image
+    done = wait_for(client, job["id"])
+    assert done["status"] == "completed", done["error"]
+    frames = _decode_mp4(client.get(f"/v1/videos/{job['id']}/content").content)
+    assert frames.shape == (16, 64, 64, 3)
+    assert (frames[..., 0].astype(int) - frames[..., 2]).mean() > 0  # red, as the image and the prompt have it
+
+
+def test_bad_uploads_are_refused_and_leave_nothing(client, server):
+    uploads = server.data_dir / "uploads"
+    before = sorted(uploads.iterdir())
+    response = client.post("/v1/uploads", content=b"not an image", headers={"Content-Type": "image/png"})
+    assert response.status_code == 422 and response.json()["error"]["field"] == "body"
+    assert "is not a readable image/png file" in response.json()["error"]["message"]
+    response = client.post("/v1/uploads", content=b"%PDF-1.4", headers={"Content-Type": "application/pdf"})
+    assert response.status_code == 415 and response.json()["error"]["code"] == "unsupported_media_type"
+    response = client.post("/v1/uploads", content=b"", headers={"Content-Type": "video/mp4"})
+    assert response.status_code == 422
+    huge = _png(np.zeros((8, MAX_SIDE + 8, 3), np.uint8))
+    response = client.post("/v1/uploads", content=huge, headers={"Content-Type": "image/png"})
+    assert response.status_code == 422 and f"at most {MAX_SIDE} a side" in response.json()["error"]["message"]
+    assert sorted(uploads.iterdir()) == before
+    response = client.post("/v1/videos", json={"prompt": PROMPT, "init_video": "upload_" + "0" * 24})
+    assert response.status_code == 422 and "no upload" in response.json()["error"]["message"]
+
+
+def test_uploads_are_bounded_in_size_and_number(shipped_pipeline, tmp_path):
+    settings = ServerSettings(data_dir=tmp_path, max_upload_bytes=1000, keep_jobs=2)
+    with LiveServer(create_app(settings, pipeline=shipped_pipeline)) as live:
+        response = httpx.post(f"{live.url}/v1/uploads", content=b"x" * 1001, headers={"Content-Type": "image/png"})
+        assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+        ids = []
+        for shade in (0, 100, 200):
+            image = _png(np.full((8, 8, 3), shade, np.uint8))
+            response = httpx.post(f"{live.url}/v1/uploads", content=image, headers={"Content-Type": "image/png"})
+            assert response.status_code == 201, response.text
+            ids.append(response.json()["id"])
+            time.sleep(0.01)  # distinct modification times
+        kept = sorted(path.name.split(".")[0] for path in (tmp_path / "uploads").iterdir())
+        assert kept == sorted(ids[1:])  # the oldest went
+        response = httpx.post(f"{live.url}/v1/videos", json={"prompt": PROMPT, "init_video": ids[0]})
+        assert response.status_code == 422 and "no upload" in response.json()["error"]["message"]

@@ -6,7 +6,9 @@ import os
 import shutil
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import LiveServer
 from vidsynth.server import ServerSettings, create_app
@@ -91,6 +93,26 @@ def test_make_watch_download_cancel_and_history(browser, site, artifacts, tmp_pa
     page.click("#clear-start")
     assert page.is_hidden("#start-from") and page.input_value("#init_video") == ""
 
+    # An image from the user's disk starts the next one (image-to-video).
+    image = np.full((64, 64, 3), 255, np.uint8)
+    image[24:40, 8:24] = (220, 30, 30)
+    Image.fromarray(image).save(tmp_path / "square.png")
+    page.set_input_files("#start-file", str(tmp_path / "square.png"))
+    page.wait_for_function("!document.querySelector('#start-from').hidden")
+    assert "square.png (64x64)" in page.text_content("#start-video")
+    page.fill("#prompt", "a red square moving right on a white background")
+    page.fill("#strength", "0.9")
+    page.fill("#steps", "6")
+    page.click("#submit")
+    page.wait_for_function(f"current && current.id !== '{restyled['id']}' && !document.querySelector('#player').hidden",
+                           timeout=120_000)
+    animated = httpx.get(f"{site.url}/v1/videos", params={"limit": 1}).json()["data"][0]
+    assert animated["request"]["init_video"].startswith("upload_") and animated["status"] == "completed"
+    page.set_input_files("#start-file", {"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image"})
+    page.wait_for_function("document.querySelector('[data-error-for=body]').textContent.length > 0")
+    assert "not a readable image/png file" in page.text_content("[data-error-for=body]")
+    assert page.is_hidden("#start-from")
+
     # A long job, cancelled from the page.
     page.fill("#prompt", "a red circle moving left on a black background")
     page.fill("#steps", "400")
@@ -102,17 +124,17 @@ def test_make_watch_download_cancel_and_history(browser, site, artifacts, tmp_pa
 
     # After a reload the history lists the jobs; "use these settings" refills the form, start video included.
     page.reload()
-    page.wait_for_function("document.querySelectorAll('#history li').length >= 3")
+    page.wait_for_function("document.querySelectorAll('#history li').length >= 4")
     items = page.locator("#history li")
-    assert "canceled" in items.nth(0).text_content() and "completed" in items.nth(2).text_content()
-    assert "seed 5" in items.nth(2).text_content()
-    page.wait_for_function("document.querySelector('#history li:nth-child(3) img').naturalWidth > 0")
-    items.nth(1).locator("button.reuse").click()
-    assert page.input_value("#init_video") == first["id"] and page.input_value("#strength") == "0.5"
+    assert "canceled" in items.nth(0).text_content() and "completed" in items.nth(3).text_content()
+    assert "seed 5" in items.nth(3).text_content()
+    page.wait_for_function("document.querySelector('#history li:nth-child(4) img').naturalWidth > 0")
     items.nth(2).locator("button.reuse").click()
+    assert page.input_value("#init_video") == first["id"] and page.input_value("#strength") == "0.5"
+    items.nth(3).locator("button.reuse").click()
     assert page.input_value("#seed") == "5" and page.input_value("#steps") == "60"
     assert page.is_hidden("#start-from")
-    items.nth(2).locator(".text").click()
+    items.nth(3).locator(".text").click()
     page.wait_for_function("document.querySelector('#player').readyState >= 2")
     page.screenshot(path=str(artifacts / "web-page-history.png"), full_page=True)
     assert errors == []

@@ -24,6 +24,10 @@ QUEUED, IN_PROGRESS, COMPLETED, FAILED, CANCELED = "queued", "in_progress", "com
 FINISHED = (COMPLETED, FAILED, CANCELED)
 MAX_ATTEMPTS = 3  # runs a job gets when the server keeps dying under it
 JOB_ID = re.compile(r"^video_[0-9a-f]{24}$")
+UPLOAD_ID = re.compile(r"^upload_[0-9a-f]{24}$")
+# What a start video may be uploaded as, by Content-Type, and the extension it is stored under (PyAV reads them all).
+UPLOAD_TYPES = {"video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov", "image/gif": ".gif",
+                "image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 VARIANTS = {"video": ("mp4", "video/mp4"), "thumbnail": ("png", "image/png"), "gif": ("gif", "image/gif")}
 
 SCHEMA = """
@@ -58,6 +62,8 @@ class JobStore:
         self.data_dir = Path(data_dir)
         self.videos_dir = self.data_dir / "videos"
         self.videos_dir.mkdir(parents=True, exist_ok=True)
+        self.uploads_dir = self.data_dir / "uploads"
+        self.uploads_dir.mkdir(exist_ok=True)
         # One connection shared by the worker thread and the request handlers, serialised by a lock: SQLite
         # writes are serial anyway, and every statement here is short.
         self._db = sqlite3.connect(self.data_dir / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
@@ -107,13 +113,19 @@ class JobStore:
         return self.videos_dir / job_id / f"{index}.{extension}"
 
     def start_video(self, reference: str) -> Path:
-        """The file of a finished video that a request names to start from: a job id ('ID', its first video) or
-        'ID/INDEX'. Over HTTP a request names only videos made here, never a path: the server reads no other file
-        on a client's word."""
+        """The file that a request names to start from: an upload's id, or a finished job's ('ID', its first video,
+        or 'ID/INDEX'). Over HTTP a request names only files made or received here, never a path: the server reads
+        no other file on a client's word."""
+        if UPLOAD_ID.match(reference):
+            found = [path for path in self.uploads_dir.glob(f"{reference}.*") if path.suffix in UPLOAD_TYPES.values()]
+            if not found:
+                raise RequestError("init_video", f"no upload {reference!r} (uploads are kept as long as jobs)")
+            return found[0]
         job_id, _, index = reference.partition("/")
         if not JOB_ID.match(job_id) or not (index == "" or index.isdigit()):
-            raise RequestError("init_video", "give the id of a completed job on this server ('ID', or 'ID/INDEX' for "
-                                             "another of its videos); files on the server are not read over HTTP")
+            raise RequestError("init_video", "give the id of an upload or of a completed job on this server ('ID', "
+                                             "or 'ID/INDEX' for another of a job's videos); files on the server are "
+                                             "not read over HTTP")
         job = self.get(job_id)
         if job is None:
             raise RequestError("init_video", f"no video job {job_id!r}")
@@ -225,9 +237,22 @@ class JobStore:
         return [row["id"] for row in interrupted]
 
     def prune(self, keep: int) -> int:
-        """Bound disk use: delete the oldest finished jobs beyond the newest `keep`. Returns how many went."""
+        """Bound disk use: delete the oldest finished jobs beyond the newest `keep`, and the oldest uploads beyond as
+        many. Returns how many jobs went."""
         rows = self._query(f"SELECT id FROM jobs WHERE status IN ({','.join('?' * len(FINISHED))}) "
                            "ORDER BY seq DESC LIMIT -1 OFFSET ?", (*FINISHED, keep))
         for row in rows:
             self.delete(row["id"])
+        uploads = sorted(self.uploads_dir.glob("upload_*"), key=lambda path: path.stat().st_mtime, reverse=True)
+        for path in uploads[keep:]:
+            path.unlink(missing_ok=True)
         return len(rows)
+
+    def add_upload(self, data: bytes, content_type: str) -> tuple[str, Path]:
+        """Store an uploaded start video or image under a new id, whole or not at all. Returns (id, path)."""
+        upload_id = f"upload_{secrets.token_hex(12)}"
+        path = self.uploads_dir / f"{upload_id}{UPLOAD_TYPES[content_type]}"
+        partial = path.with_name(f".{path.name}.part")
+        partial.write_bytes(data)
+        partial.replace(path)
+        return upload_id, path

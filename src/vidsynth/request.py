@@ -88,9 +88,9 @@ class GenerationRequest(BaseModel):
     fps: Optional[int] = Field(None, ge=1, le=MAX_FPS)
     num_videos: int = Field(1, ge=1, le=MAX_VIDEOS, description="Videos per prompt.")
     init_video: Optional[str] = Field(None, min_length=1, max_length=4096, description="Video-to-video: start from "
-                                      "this video (a file or PNG folder; over HTTP, the id of a completed job, "
-                                      "'ID/INDEX' for another of its videos), or from a still image, which starts "
-                                      "every frame. Resized to height x width; frames and fps default to the video's.")
+                                      "this video (a file or PNG folder; over HTTP, the id of an upload or of a "
+                                      "completed job, 'ID/INDEX' for another of its videos), or from a still image, "
+                                      "which starts every frame. Resized to height x width; frames and fps default to the video's.")
     strength: Optional[float] = Field(None, gt=0.0, le=1.0, allow_inf_nan=False, description="With init_video: how "
                                       f"far to move from it, the share of the steps run (1 = all, from pure noise). "
                                       f"Default {DEFAULT_STRENGTH}.")

@@ -25,9 +25,11 @@ from starlette.exceptions import HTTPException
 
 from . import __version__
 from .devices import dtype_name
-from .errors import RequestError
-from .jobs import CANCELED, COMPLETED, FAILED, FINISHED, QUEUED, VARIANTS, IdempotencyConflict, JobStore
-from .request import PRESETS, SCHEDULERS, GenerationRequest, field_errors
+from .errors import InputError, RequestError
+from .jobs import (CANCELED, COMPLETED, FAILED, FINISHED, QUEUED, UPLOAD_TYPES, VARIANTS, IdempotencyConflict,
+                   JobStore)
+from .request import MAX_SIDE, PRESETS, SCHEDULERS, GenerationRequest, field_errors
+from .video import read_frames
 from .worker import TERMINAL_EVENTS, EventLog, Worker, with_start_file
 
 TOKEN_COOKIE = "vidsynth_token"
@@ -44,6 +46,7 @@ class ServerSettings:
     max_queue: int = 100  # queued jobs beyond this get 429
     keep_jobs: int = 500  # finished jobs (and their files) kept; older ones are deleted
     max_body_bytes: int = 64 * 1024
+    max_upload_bytes: int = 64 * 2**20  # a start video or image sent to /v1/uploads
 
 
 def is_loopback(host: str) -> bool:
@@ -100,10 +103,11 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
     async def guard(request: Request, call_next):
         length = request.headers.get("content-length")
         if request.method in ("POST", "PUT", "PATCH"):
+            limit = settings.max_upload_bytes if request.url.path == "/v1/uploads" else settings.max_body_bytes
             if length is None and request.headers.get("transfer-encoding"):
                 return _error_response(411, "length_required", "send a Content-Length header")
-            if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-                return _error_response(413, "body_too_large", f"request body over {settings.max_body_bytes} bytes")
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                return _error_response(413, "body_too_large", f"request body over {limit} bytes")
         if settings.token and request.url.path != "/healthz":
             if request.url.path == "/" and _same(request.query_params.get("token", ""), settings.token):
                 # A link with ?token= signs the browser in: the cookie lets <video src> and the page's requests through.
@@ -161,6 +165,30 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
         if created:
             state["worker"].wake()
         return JSONResponse(job, status_code=202, headers={} if created else {"Idempotent-Replayed": "true"})
+
+    @app.post("/v1/uploads", status_code=201, tags=["uploads"])
+    async def upload_start_video(request: Request):
+        """A video or image for jobs to start from (their `init_video` is the id this returns): the file itself as the
+        body, its type as Content-Type. Kept as long as jobs are (`--keep-jobs` uploads at most)."""
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in UPLOAD_TYPES:
+            raise ApiError(415, "unsupported_media_type", f"send the video or image as one of {', '.join(UPLOAD_TYPES)}")
+        data = await request.body()
+        if not data:
+            raise ApiError(422, "invalid_request", "is empty: send the file", "body")
+        upload_id, path = await asyncio.to_thread(state["store"].add_upload, data, content_type)
+        await asyncio.to_thread(state["store"].prune, settings.keep_jobs)
+        try:
+            first, _ = await asyncio.to_thread(read_frames, path, 1)
+        except InputError:
+            path.unlink(missing_ok=True)
+            raise ApiError(422, "invalid_request", f"is not a readable {content_type} file", "body") from None
+        height, width = first.shape[1:3]
+        if max(height, width) > MAX_SIDE:
+            path.unlink(missing_ok=True)
+            raise ApiError(422, "invalid_request", f"frames of {width}x{height}; at most {MAX_SIDE} a side", "body")
+        return {"id": upload_id, "object": "upload", "content_type": content_type, "bytes": len(data),
+                "width": width, "height": height}
 
     @app.get("/v1/videos", tags=["videos"])
     def list_videos(limit: int = Query(20, ge=1, le=100), after: Optional[str] = Query(None, max_length=64)):

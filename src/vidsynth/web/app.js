@@ -60,12 +60,30 @@ function fillForm(request) {
   window.scrollTo({ top: 0, behavior: "smooth" });
 }
 
-// Video-to-video: the next job starts from a finished job's video (by id), or from noise when `id` is empty.
-function startFrom(id) {
+// Video-to-video: the next job starts from an upload or a finished job's video (by id), or from noise when `id` is
+// empty. `label` says what it is.
+function startFrom(id, label) {
   $("init_video").value = id || "";
-  $("start-video").textContent = id || "";
+  $("start-video").textContent = label || id || "";
   $("start-from").hidden = !id;
-  if (!id) $("strength").value = "";
+  if (!id) {
+    $("strength").value = "";
+    $("start-file").value = "";
+  }
+}
+
+async function upload() {
+  const file = $("start-file").files[0];
+  if (!file) return;
+  clearErrors();
+  try {
+    const sent = await api("/v1/uploads", { method: "POST", body: file, headers: { "Content-Type": file.type } });
+    startFrom(sent.id, `${file.name} (${sent.width}x${sent.height})`);
+  } catch (error) {
+    if (error.status === 401) return askForToken();
+    startFrom("");
+    showError(error.fields?.length ? error : { fields: [{ field: "body", message: error.message }] });
+  }
 }
 
 async function submit(event) {
@@ -207,6 +225,7 @@ async function start() {
     $("prompt").focus();
   });
   $("clear-start").addEventListener("click", () => startFrom(""));
+  $("start-file").addEventListener("change", upload);
   try {
     const settings = await api("/v1/settings");
     $("model").textContent = `model: ${settings.model}`;
