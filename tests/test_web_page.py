@@ -81,6 +81,7 @@ def test_make_watch_download_cancel_and_history(browser, site, artifacts, tmp_pa
     assert page.is_hidden("#start-from")
     page.click("#start-from-this")
     assert page.is_visible("#start-from") and first["id"] in page.text_content("#start-video")
+    assert page.get_attribute("#strength", "placeholder") == "0.75"  # the default, from the server
     page.fill("#prompt", "a blue circle moving left on a black background")
     page.fill("#strength", "0.5")
     page.click("#submit")

@@ -28,7 +28,7 @@ from .devices import dtype_name
 from .errors import InputError, RequestError
 from .jobs import (CANCELED, COMPLETED, FAILED, FINISHED, QUEUED, UPLOAD_TYPES, VARIANTS, IdempotencyConflict,
                    JobStore)
-from .request import MAX_SIDE, PRESETS, SCHEDULERS, GenerationRequest, field_errors
+from .request import DEFAULT_STRENGTH, MAX_SIDE, PRESETS, SCHEDULERS, GenerationRequest, field_errors
 from .video import read_frames
 from .worker import TERMINAL_EVENTS, EventLog, Worker, with_start_file
 
@@ -293,7 +293,8 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
     @app.get("/v1/settings", tags=["server"])
     def request_settings():
         """What the page's form needs: the model's defaults, the schedulers, and the request schema with its limits."""
-        return {"model": pipeline.name, "defaults": pipeline.defaults.as_dict(), "schedulers": list(SCHEDULERS),
+        defaults = {**pipeline.defaults.as_dict(), "strength": DEFAULT_STRENGTH}
+        return {"model": pipeline.name, "defaults": defaults, "schedulers": list(SCHEDULERS),
                 "presets": list(PRESETS), "schema": GenerationRequest.model_json_schema()}
 
     return app
