@@ -220,7 +220,7 @@ async function start() {
   $("cancel").addEventListener("click", cancel);
   $("reuse").addEventListener("click", () => current && fillForm(current.request));
   $("start-from-this").addEventListener("click", () => {
-    startFrom(current.id);
+    startFrom(current.id, `"${[].concat(current.request.prompt)[0]}", seed ${current.request.seed} (${current.id})`);
     window.scrollTo({ top: 0, behavior: "smooth" });
     $("prompt").focus();
   });
