@@ -330,8 +330,9 @@ def test_a_job_starts_from_a_finished_jobs_video(client, server):
     job = submit(client, prompt="a blue circle moving right on a white background", init_video=red["id"], strength=0.5,
                  seed=2, steps=4)
     assert job["request"]["init_video"] == red["id"] and job["request"]["frames"] == 8  # the start video's length
-    done = wait_for(client, job["id"])
-    assert done["status"] == "completed", done["error"]
+    with client.stream("GET", f"/v1/videos/{job['id']}/events") as response:
+        names = [event["event"] for event in read_events(response)]
+    assert names.index("start_video") < names.index("step") and names[-1] == "completed"
     frames = _decode_mp4(client.get(f"/v1/videos/{job['id']}/content").content)
     start = _decode_mp4(client.get(f"/v1/videos/{red['id']}/content").content)
     assert frames.shape == start.shape == (8, 64, 64, 3)

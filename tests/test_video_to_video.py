@@ -118,7 +118,10 @@ def test_frames_and_rate_come_from_the_start_video_and_its_frames_are_resized(sh
     assert video.settings["strength"] == 0.75 and video.settings["steps"] == 6
     denoising = [e for e in events if e.phase == "denoise"]
     assert [e.step for e in denoising] == [1, 2, 3, 4] and denoising[0].total == 4  # the last 0.75 x 6 steps
-    assert [(e.step, e.total) for e in events if e.phase == "encode"] == [(0, 2), (1, 2), (2, 2)]
+    assert [(e.step, e.total) for e in events if e.phase == "encode"] == [(0, 1), (1, 1)]  # the text
+    assert [(e.step, e.total) for e in events if e.phase == "encode_video"] == [(1, 1)]  # one chunk of 5 frames
+    progress = [e.progress for e in events]
+    assert progress == sorted(progress)
 
     shorter = shipped_pipeline("a red circle", init_video=str(path), frames=3, fps=6, seed=0, progress=False)
     assert shorter.frames.shape == (3, 64, 64, 3) and shorter.fps == 6

@@ -8,11 +8,14 @@ the server's job worker and the notebook display are all such callbacks.
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
-Phase = Literal["load", "encode", "denoise", "decode", "write", "done"]
+Phase = Literal["load", "encode", "encode_video", "denoise", "decode", "write", "done"]
 
-# Share of the overall progress bar each phase ends at; denoising dominates the wall time.
-_PHASE_END = {"load": 0.02, "encode": 0.04, "denoise": 0.92, "decode": 0.98, "write": 1.0, "done": 1.0}
-_PHASE_START = {"load": 0.0, "encode": 0.02, "denoise": 0.04, "decode": 0.92, "write": 0.98, "done": 1.0}
+# Share of the overall progress bar each phase ends at; denoising dominates the wall time. `encode` is the text,
+# `encode_video` a video to start from (video-to-video).
+_PHASE_END = {"load": 0.02, "encode": 0.03, "encode_video": 0.04, "denoise": 0.92, "decode": 0.98, "write": 1.0,
+              "done": 1.0}
+_PHASE_START = {"load": 0.0, "encode": 0.02, "encode_video": 0.03, "denoise": 0.04, "decode": 0.92, "write": 0.98,
+                "done": 1.0}
 
 
 @dataclass(frozen=True)

@@ -214,17 +214,15 @@ class Pipeline:
         request, source = self._prepare(request)
         scale = self.components.vae_scale_factor
         prompts, count = request.prompts, request.total_videos
-        chunk = self.frames_per_chunk(request.height, request.width)
-        encodings = 1 + (math.ceil(request.frames / chunk) if source is not None else 0)
-        emit(callback, Event("encode", 0, encodings, 0, count))
+        emit(callback, Event("encode", 0, 1, 0, count))
         with self._using(self.components.text_encoder):
             negative = self.encode_text([request.negative_prompt])
             positive = self.encode_text(prompts)
-        emit(callback, Event("encode", 1, encodings, 0, count))
+        emit(callback, Event("encode", 1, 1, 0, count))
         start = None  # the latents of the video to start from, for video-to-video
         if source is not None:
             start = self.encode_video(source, request,
-                                      lambda k, n: emit(callback, Event("encode", 1 + k, 1 + n, 0, count)))
+                                      lambda k, n: emit(callback, Event("encode_video", k, n, 0, count)))
 
         videos = []
         with free_memory_handed_back():  # the host's heap, whatever the device

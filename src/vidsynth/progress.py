@@ -17,10 +17,10 @@ class ProgressBar:
         self.video = -1
 
     def __call__(self, event: Event) -> None:
-        if event.phase == "encode" and event.total > 1:  # the text, then the chunks of a video to start from
+        if event.phase == "encode_video":
             if self.bar is None:
-                self.bar = tqdm(total=event.total - 1, desc="encoding the start video", unit="chunk", **self.options)
-            self.bar.update(max(0, event.step - 1) - self.bar.n)
+                self.bar = tqdm(total=event.total, desc="encoding the start video", unit="chunk", **self.options)
+            self.bar.update(event.step - self.bar.n)
             return
         if event.phase == "denoise" and (self.bar is None or event.video != self.video):
             self.close()

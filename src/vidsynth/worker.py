@@ -26,7 +26,7 @@ from .video import write_video
 log = logging.getLogger("vidsynth.server")
 TERMINAL_EVENTS = (COMPLETED, FAILED, CANCELED)
 # Event names clients see, by pipeline phase.
-EVENT_NAMES = {"denoise": "step", "decode": "decoding", "write": "encoding"}
+EVENT_NAMES = {"encode_video": "start_video", "denoise": "step", "decode": "decoding", "write": "encoding"}
 
 
 class EventLog:

@@ -144,6 +144,7 @@ function follow(id) {
     const which = data.videos > 1 ? ` (video ${data.video + 1}/${data.videos})` : "";
     $("phase").textContent = `denoising step ${data.step}/${data.total}${which}`;
   });
+  on("start_video", (data) => { $("progress").value = data.progress; $("phase").textContent = `encoding the start video ${data.step}/${data.total}`; });
   on("decoding", (data) => { $("progress").value = data.progress; $("phase").textContent = `decoding frames ${data.step}/${data.total}`; });
   on("encoding", () => { $("phase").textContent = "writing the video"; });
   for (const end of ["completed", "failed", "canceled", "deleted"]) {
