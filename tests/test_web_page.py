@@ -37,6 +37,14 @@ def site(shipped_pipeline, tmp_path_factory):
         yield live
 
 
+def submit_and_play(page, site, previous_id: str) -> dict:
+    """Submit the form, wait until the page plays the new job's video, and return that job."""
+    page.click("#submit")
+    page.wait_for_function(f"current && current.id !== '{previous_id}' && !document.querySelector('#player').hidden",
+                           timeout=120_000)
+    return httpx.get(f"{site.url}/v1/videos", params={"limit": 1}).json()["data"][0]
+
+
 def test_make_watch_download_cancel_and_history(browser, site, artifacts, tmp_path):
     page = browser.new_page(viewport={"width": 390, "height": 844}, accept_downloads=True)  # a phone's width
     errors = []
@@ -84,10 +92,7 @@ def test_make_watch_download_cancel_and_history(browser, site, artifacts, tmp_pa
     assert page.get_attribute("#strength", "placeholder") == "0.75"  # the default, from the server
     page.fill("#prompt", "a blue circle moving left on a black background")
     page.fill("#strength", "0.5")
-    page.click("#submit")
-    page.wait_for_function(f"current && current.id !== '{first['id']}' && !document.querySelector('#player').hidden",
-                           timeout=120_000)
-    restyled = httpx.get(f"{site.url}/v1/videos", params={"limit": 1}).json()["data"][0]
+    restyled = submit_and_play(page, site, first["id"])
     assert restyled["request"]["init_video"] == first["id"] and restyled["request"]["strength"] == 0.5
     assert restyled["status"] == "completed" and restyled["request"]["frames"] == 16
     page.screenshot(path=str(artifacts / "web-page-video-to-video.png"), full_page=True)
@@ -104,10 +109,7 @@ def test_make_watch_download_cancel_and_history(browser, site, artifacts, tmp_pa
     page.fill("#prompt", "a red square moving right on a white background")
     page.fill("#strength", "0.9")
     page.fill("#steps", "6")
-    page.click("#submit")
-    page.wait_for_function(f"current && current.id !== '{restyled['id']}' && !document.querySelector('#player').hidden",
-                           timeout=120_000)
-    animated = httpx.get(f"{site.url}/v1/videos", params={"limit": 1}).json()["data"][0]
+    animated = submit_and_play(page, site, restyled["id"])
     assert animated["request"]["init_video"].startswith("upload_") and animated["status"] == "completed"
     page.set_input_files("#start-file", {"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image"})
     page.wait_for_function("document.querySelector('[data-error-for=body]').textContent.length > 0")
