@@ -326,7 +326,8 @@ def test_the_readme_names_every_field_a_job_takes():
 
 
 def test_a_job_starts_from_a_finished_jobs_video(client, server):
-    red = wait_for(client, submit(client, prompt="a red circle moving right on a white background", seed=1, **FAST)["id"])
+    red = submit(client, prompt="a red circle moving right on a white background", seed=1, **FAST)
+    red = wait_for(client, red["id"])
     job = submit(client, prompt="a blue circle moving right on a white background", init_video=red["id"], strength=0.5,
                  seed=2, steps=4)
     assert job["request"]["init_video"] == red["id"] and job["request"]["frames"] == 8  # the start video's length

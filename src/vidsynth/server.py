@@ -172,12 +172,12 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
         body, its type as Content-Type. Kept as long as jobs are (`--keep-jobs` uploads at most)."""
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type not in UPLOAD_TYPES:
-            raise ApiError(415, "unsupported_media_type", f"send the video or image as one of {', '.join(UPLOAD_TYPES)}")
+            raise ApiError(415, "unsupported_media_type",
+                           f"send the video or image as one of {', '.join(UPLOAD_TYPES)}")
         data = await request.body()
         if not data:
             raise ApiError(422, "invalid_request", "is empty: send the file", "body")
         upload_id, path = await asyncio.to_thread(state["store"].add_upload, data, content_type)
-        await asyncio.to_thread(state["store"].prune, settings.keep_jobs)
         try:
             first, _ = await asyncio.to_thread(read_frames, path, 1)
         except InputError:
@@ -187,6 +187,7 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
         if max(height, width) > MAX_SIDE:
             path.unlink(missing_ok=True)
             raise ApiError(422, "invalid_request", f"frames of {width}x{height}; at most {MAX_SIDE} a side", "body")
+        await asyncio.to_thread(state["store"].prune, settings.keep_jobs)  # only once it is known to be good
         return {"id": upload_id, "object": "upload", "content_type": content_type, "bytes": len(data),
                 "width": width, "height": height}
 

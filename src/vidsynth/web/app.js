@@ -1,8 +1,8 @@
 // The vidsynth page: a form that posts to /v1/videos, a live view of the job from its event stream, and a history.
 "use strict";
 
-const FIELDS = ["prompt", "negative_prompt", "preset", "seed", "frames", "width", "height", "steps", "guidance", "scheduler",
-                "init_video", "strength"];
+const FIELDS = ["prompt", "negative_prompt", "preset", "seed", "frames", "width", "height", "steps", "guidance",
+                "scheduler", "init_video", "strength"];
 const NUMBERS = new Set(["seed", "frames", "width", "height", "steps", "guidance", "strength"]);
 const $ = (id) => document.getElementById(id);
 let current = null; // the job shown in the job panel
@@ -144,8 +144,12 @@ function follow(id) {
     const which = data.videos > 1 ? ` (video ${data.video + 1}/${data.videos})` : "";
     $("phase").textContent = `denoising step ${data.step}/${data.total}${which}`;
   });
-  on("start_video", (data) => { $("progress").value = data.progress; $("phase").textContent = `encoding the start video ${data.step}/${data.total}`; });
-  on("decoding", (data) => { $("progress").value = data.progress; $("phase").textContent = `decoding frames ${data.step}/${data.total}`; });
+  const phase = (text) => (data) => {
+    $("progress").value = data.progress;
+    $("phase").textContent = `${text} ${data.step}/${data.total}`;
+  };
+  on("start_video", phase("encoding the start video"));
+  on("decoding", phase("decoding frames"));
   on("encoding", () => { $("phase").textContent = "writing the video"; });
   for (const end of ["completed", "failed", "canceled", "deleted"]) {
     on(end, async () => {
