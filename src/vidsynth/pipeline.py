@@ -49,7 +49,7 @@ def load(model: Optional[str] = None, *, device: str = "auto", dtype: str = "aut
          decode_chunk: Optional[int] = None) -> "Pipeline":
     """Load a model (alias, folder or hub id; the shipped model when None) ready to generate. `forward_chunking`:
     the low-memory mode on (True), off (False) or, on the CPU, chosen per video by the memory it needs (None).
-    `decode_chunk`: frames the VAE decodes at a time (None: by device and frame size)."""
+    `decode_chunk`: frames the VAE decodes (and encodes) at a time (None: by device and frame size)."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     components = load_components(model, dtype=torch_dtype)
