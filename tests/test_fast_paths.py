@@ -370,21 +370,29 @@ def meta_pipeline(tiny_model_dir):
 
 
 @pytest.mark.parametrize("settings", [dict(scheduler="ddim"), dict(scheduler="ddim", eta=0.5), dict(scheduler="dpm++"),
-                                      dict(scheduler="unipc"), dict(scheduler="euler"), dict(preset="fast")],
-                         ids=["ddim", "ddim-eta", "dpm++", "unipc", "euler", "fast"])
-def test_the_sampler_never_reads_the_devices_tensors_between_steps(meta_pipeline, settings):
+                                      dict(scheduler="unipc"), dict(scheduler="euler"), dict(preset="fast"),
+                                      dict(scheduler="ddim", strength=0.5), dict(scheduler="dpm++", strength=0.5),
+                                      dict(scheduler="euler", strength=0.5)],
+                         ids=["ddim", "ddim-eta", "dpm++", "unipc", "euler", "fast", "ddim-from-a-video",
+                              "dpm++-from-a-video", "euler-from-a-video"])
+def test_the_sampler_never_reads_the_devices_tensors_between_steps(meta_pipeline, settings, tmp_path):
     """A read of a GPU tensor on the host makes the CPU wait for the GPU, which then idles while the CPU prepares the
     next step. The meta device holds no values, so any such read fails there: the steps must all run, and only the
     finiteness check after the last one may read the latents."""
+    start = None
+    if "strength" in settings:  # video-to-video: the start video's latents are noised on the device first
+        np.save(tmp_path / "start.npy", np.zeros((3, 32, 32, 3), np.uint8))
+        settings = {**settings, "init_video": str(tmp_path / "start.npy")}
+        start = torch.zeros(1, 4, 3, 4, 4)
     request = meta_pipeline.prepare(vidsynth.GenerationRequest.create(prompt="a red circle", steps=4, frames=3,
                                                                       height=32, width=32, seed=0, **settings))
     positive, negative = meta_pipeline.encode_text(["a red circle"]), meta_pipeline.encode_text([""])
-    noise = pipeline_module.initial_noise(torch.Generator().manual_seed(0), 3, 4, 4)
+    noise = pipeline_module.initial_noise(torch.Generator().manual_seed(0), 3, 4, 4, frames_first=start is not None)
     steps = []
     with pytest.raises(RuntimeError, match="meta tensors"):
         meta_pipeline.denoise(noise, positive, negative, request, torch.Generator().manual_seed(0),
-                              lambda step, total: steps.append(step))
-    assert steps == list(range(1, request.steps + 1))
+                              lambda step, total: steps.append(step), start=start)
+    assert steps == list(range(1, request.denoising_steps + 1)) and len(steps) == (2 if start is not None else 4)
 
 
 glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
