@@ -267,7 +267,7 @@ def run_generate(args) -> int:
     request, model = request_from_args(args)
     check_output_path(args.output or "video.mp4")  # fail on a bad path before loading anything
     if request.init_video is not None:
-        read_start_video(request.init_video)
+        read_start_video(request.init_video, limit=1)  # readable at all; the pipeline reads what it uses
     if args.output and request.total_videos > 1:
         for path in output_paths(args.output, [None] * request.total_videos):
             check_output_path(path)

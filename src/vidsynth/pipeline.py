@@ -57,11 +57,11 @@ def load(model: Optional[str] = None, *, device: str = "auto", dtype: str = "aut
                     compile=compile, decode_chunk=decode_chunk)
 
 
-def read_start_video(path: str) -> tuple[np.ndarray, Optional[float]]:
-    """The frames and frame rate of a video to start from, up to one more frame than a request may make (enough to
-    tell a video that is too long); RequestError naming init_video if it cannot be read."""
+def read_start_video(path: str, limit: int = MAX_FRAMES + 1) -> tuple[np.ndarray, Optional[float]]:
+    """The frames and frame rate of a video to start from, by default up to one more frame than a request may make
+    (enough to tell a video that is too long); RequestError naming init_video if it cannot be read."""
     try:
-        return read_frames(path, limit=MAX_FRAMES + 1)
+        return read_frames(path, limit=limit)
     except InputError as exc:
         raise RequestError("init_video", str(exc)) from None
 

@@ -165,8 +165,8 @@ def _encode(path: str, frames: np.ndarray, fps: int, codec: str, settings: dict,
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        # x264's "fast" preset and VP9's cpu-used 2 wrote 1.4-1.9x faster than the encoders' defaults, files as close
-        # to the frames and no larger (BENCHMARKS.md, "Writing the video file").
+        # x264's "fast" preset and VP9's cpu-used 2 wrote 1.2-1.8x faster than the encoders' defaults at 256x256 and
+        # larger, the frames as close to the originals (BENCHMARKS.md, "Writing the video file").
         x264, vp9 = {"crf": "18", "preset": "fast"}, {"crf": "24", "b": "0", "cpu-used": "2"}
         stream.options = x264 if codec == "libx264" else vp9
         for frame in frames:

@@ -51,7 +51,7 @@ class EventLog:
 
 
 def with_start_file(request: GenerationRequest, store: JobStore) -> GenerationRequest:
-    """The request with the job id it names to start from (video-to-video) replaced by that video's file."""
+    """The request with the upload or job it names to start from (video-to-video, by id) replaced by its file."""
     if request.init_video is None:
         return request
     return request.model_copy(update={"init_video": str(store.start_video(request.init_video))})
