@@ -37,7 +37,7 @@ class UsageError(VidsynthError):
 
 
 # Commands that start no processes or threads which outlive them: they may skip Python's shutdown (`entry_point`).
-ONE_SHOT_COMMANDS = ("generate", "eval", "convert", "info", "models")
+ONE_SHOT_COMMANDS = ("generate", "eval", "convert", "info", "models", "download")
 
 
 def entry_point() -> None:
@@ -141,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list known model aliases and what is available locally")
     models.add_argument("--json", action="store_true")
     models.set_defaults(run=run_models)
+
+    download = commands.add_parser("download", help="fetch a model into the hub cache now, so later runs start "
+                                   "without waiting (or offline)")
+    download.add_argument("model", help="alias or hub id (Hugging Face owner/name, modelscope:owner/name)")
+    download.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="the precision it will run in: "
+                          "float16 and bfloat16 fetch a repo's float16 files where it has them (default: what "
+                          "--dtype auto picks on this machine)")
+    download.set_defaults(run=run_download)
 
     evaluate = commands.add_parser("eval", help="score a model on held-out captions of the shapes dataset")
     evaluate.add_argument("--model", help="alias, folder or hub id (default: the shipped model)")
@@ -357,6 +365,17 @@ def run_models(args) -> int:
         where = row["local_path"] or "not downloaded"
         print(f"{row['alias']:20s} {d['frames']} frames {d['width']}x{d['height']}, {d['steps']} steps  "
               f"[{where}]\n{'':20s} {row['description']}")
+    return 0
+
+
+def run_download(args) -> int:
+    import torch
+
+    from .devices import resolve_device, resolve_dtype
+    from .loading import locate
+    dtype = resolve_dtype(args.dtype, resolve_device("auto"))
+    location = locate(args.model, half_precision=dtype in (torch.float16, torch.bfloat16))
+    print(location.path)
     return 0
 
 

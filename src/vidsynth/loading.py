@@ -6,11 +6,13 @@ A reference is an alias (`ms-1.7b`), a local folder in diffusers or ModelScope l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from diffusers import AutoencoderKL, UNet3DConditionModel
@@ -23,6 +25,9 @@ from .request import ModelDefaults
 
 DIFFUSERS_INDEX = "model_index.json"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+SHARD_NAME = re.compile(r"-\d{5}-of-(\d{5})(?:\.fp16)?\.(?:safetensors|bin)$")
 
 
 @dataclass
@@ -84,27 +89,115 @@ def _looks_like_repo_id(reference: str) -> bool:
 
 
 def hf_snapshot(repo_id: str, half_precision: bool, local_only: bool = False) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    """The model's folder in the Hugging Face cache: as cached when it holds every part a load needs (in whichever
+    precision it was fetched), else fetched, unless `local_only` or the hub is offline (HF_HUB_OFFLINE), with only
+    the files a load reads: configurations, tokenizer and one set of weights per model (float16 files for half
+    precision where the repo has them; the repo's other formats, variants and folders are left on the hub)."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    variant = "*.fp16.*" if half_precision else None
-    patterns = ["*.json", "*.txt", "*.safetensors"]
-    ignore = None if variant else ["*.fp16.*"]
+    missing = ["model_index.json"]
     try:
-        try:
-            path = Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=ignore, local_files_only=True))
-        except LocalEntryNotFoundError:
-            if local_only:
-                raise
-            path = Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=ignore))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        cached = Path(snapshot_download(repo_id, allow_patterns=[DIFFUSERS_INDEX], local_files_only=True))
+        missing = missing_parts(cached)
+        if not missing:
+            return cached
+    except LocalEntryNotFoundError:
+        pass
+    if local_only or constants.HF_HUB_OFFLINE:
         from huggingface_hub.constants import HF_HUB_CACHE
         raise ModelUnavailableError(
-            f"{repo_id} is not in the Hugging Face cache ({HF_HUB_CACHE}) and the hub cannot be reached "
-            f"({type(exc).__name__}). On a machine with network run `hf download {repo_id}` and copy the cache "
-            f"folder models--{repo_id.replace('/', '--')} there, or put a diffusers-layout folder (model_index.json, "
-            f"unet/, vae/, text_encoder/, tokenizer/, scheduler/) anywhere and pass its path as --model.") from None
-    return path
+            f"{repo_id} is not in the Hugging Face cache ({HF_HUB_CACHE}; missing: {', '.join(missing)}) and the hub "
+            f"is not to be reached (offline). On a machine with network run `vidsynth download {repo_id}` (or `hf "
+            f"download {repo_id}`) and copy the cache folder models--{repo_id.replace('/', '--')} there, or put a "
+            f"diffusers-layout folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) "
+            f"anywhere and pass its path as --model.")
+    try:
+        names = [sibling.rfilename for sibling in HfApi().model_info(repo_id).siblings]
+        with download_progress_shown():
+            return Path(snapshot_download(repo_id, allow_patterns=hub_files_to_fetch(repo_id, names, half_precision)))
+    except RepositoryNotFoundError:
+        raise ModelError(f"{repo_id} is not a model on the Hugging Face hub (or it is private: log in with "
+                         f"`hf auth login`)") from None
+    except (HfHubHTTPError, OSError) as exc:  # httpx's connection errors are OSErrors too
+        raise ModelUnavailableError(
+            f"{repo_id} could not be fetched from the Hugging Face hub ({type(exc).__name__}: {_first_line(exc)}). "
+            f"Run the command again to resume, or put a diffusers-layout folder anywhere and pass its path as "
+            f"--model.") from None
+
+
+@contextlib.contextmanager
+def download_progress_shown():
+    """Within the block the hub client shows its progress bars: a download of gigabytes must show it is moving, also
+    where a front end hid the libraries' bars (the CLI does, for their loading bars). HF_HUB_DISABLE_PROGRESS_BARS
+    still hides them."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    hidden = are_progress_bars_disabled()
+    if hidden and not constants.HF_HUB_DISABLE_PROGRESS_BARS:
+        enable_progress_bars()
+    try:
+        yield
+    finally:
+        if hidden and not constants.HF_HUB_DISABLE_PROGRESS_BARS:
+            disable_progress_bars()
+
+
+def hub_files_to_fetch(repo_id: str, names: list[str], half_precision: bool) -> list[str]:
+    """Of a diffusers-layout repo's files, those a load reads: model_index.json and vidsynth's defaults, every
+    configuration and tokenizer file of the components, and one set of weights per model (`preferred_weights`)."""
+    if DIFFUSERS_INDEX not in names:
+        raise ModelError(f"{repo_id} is not a diffusers-layout model: it has no {DIFFUSERS_INDEX}")
+    wanted = [name for name in names if name in (DIFFUSERS_INDEX, DEFAULTS_FILE)
+              or (name.endswith((".json", ".txt")) and name.split("/")[0] in COMPONENTS and name.count("/") == 1)]
+    for part in WEIGHTED_COMPONENTS:
+        in_folder = [name.split("/", 1)[1] for name in names if name.startswith(f"{part}/") and name.count("/") == 1]
+        choice = preferred_weights(in_folder, half_precision)
+        if choice is None:
+            raise ModelError(f"{repo_id} has no weights for its {part} (.safetensors or .bin files in {part}/)")
+        wanted += [f"{part}/{name}" for name in choice[1]]
+    return wanted
+
+
+def missing_parts(folder: Path) -> list[str]:
+    """What a diffusers-layout folder lacks for a load (after an interrupted download, say): [] when complete."""
+    missing = [] if (folder / DIFFUSERS_INDEX).is_file() else [DIFFUSERS_INDEX]
+    for part in WEIGHTED_COMPONENTS:
+        names = [path.name for path in (folder / part).glob("*")]
+        if "config.json" not in names or preferred_weights(names, half_precision=False) is None:
+            missing.append(f"{part}/")
+    if not (folder / "tokenizer").is_dir() or not any((folder / "tokenizer").iterdir()):
+        missing.append("tokenizer/")
+    return missing
+
+
+def weight_sets(names: Iterable[str]) -> dict[tuple[str, Optional[str]], list[str]]:
+    """The complete sets of weight files among one component's file names, by (format, variant): a single file, or
+    every shard of a sharded checkpoint (`...-00001-of-00003.safetensors`). Variant "fp16" or None."""
+    groups: dict[tuple, list[str]] = {}
+    for name in names:
+        if not name.endswith(WEIGHT_SUFFIXES):
+            continue
+        shard = SHARD_NAME.search(name)
+        key = ("safetensors" if name.endswith(".safetensors") else "bin", "fp16" if ".fp16" in name else None,
+               int(shard.group(1)) if shard else None)
+        groups.setdefault(key, []).append(name)
+    complete: dict[tuple[str, Optional[str]], list[str]] = {}
+    for (fmt, variant, shards), files in groups.items():
+        if shards is None or len(files) == shards:
+            complete.setdefault((fmt, variant), sorted(files))
+    return complete
+
+
+def preferred_weights(names: Iterable[str], half_precision: bool) -> Optional[tuple[Optional[str], list[str]]]:
+    """The variant and files to load of one component: safetensors before .bin (both load without running code,
+    safetensors faster), float16 files for half precision and full-precision ones otherwise, each where present."""
+    sets = weight_sets(names)
+    variants = ("fp16", None) if half_precision else (None, "fp16")
+    for fmt, variant in [(fmt, variant) for variant in variants for fmt in ("safetensors", "bin")]:
+        if (fmt, variant) in sets:
+            return variant, sets[(fmt, variant)]
+    return None
 
 
 def modelscope_snapshot(model_id: str, local_only: bool = False) -> Path:
@@ -163,11 +256,8 @@ def _read_index(folder: Path) -> dict:
 
 
 def _variant(subfolder: Path, dtype: torch.dtype) -> Optional[str]:
-    """Pick the fp16 weight files when they are the only ones, or when running in half precision."""
-    names = [p.name for p in subfolder.glob("*") if p.suffix in (".safetensors", ".bin")]
-    has_fp16 = any(".fp16." in n for n in names)
-    has_full = any(".fp16." not in n for n in names)
-    return "fp16" if has_fp16 and (not has_full or dtype in (torch.float16, torch.bfloat16)) else None
+    choice = preferred_weights((path.name for path in subfolder.glob("*")), dtype in (torch.float16, torch.bfloat16))
+    return choice[0] if choice else None
 
 
 def load_diffusers_components(folder: Path, dtype: torch.dtype) -> dict[str, Any]:

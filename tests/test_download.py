@@ -1,0 +1,179 @@
+"""Fetching models from the Hugging Face hub (a loopback stand-in serving the hub's HTTP API): only the files a load
+reads come down, in the precision asked for, into the standard cache, from which later runs start offline."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fake_hub import FakeHub
+from vidsynth import ModelError, ModelUnavailableError
+from vidsynth.loading import hub_files_to_fetch, load_components
+
+WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+CONFIGS = {"model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json",
+           "text_encoder/config.json"}
+GENERATE = ["generate", "a red circle", "--frames", "2", "--height", "32", "--width", "32", "--steps", "2",
+            "--seed", "4", "--dtype", "float32"]  # the video `small_video` makes
+
+
+@pytest.fixture(scope="module")
+def repos(tiny_model_dir, tmp_path_factory):
+    """Two repos of the tiny model: one with float32 and float16 safetensors, the ModelScope-layout files some repos
+    carry beside them and a README; one with float32 .bin files only (as older repos have)."""
+    root = tmp_path_factory.mktemp("hub")
+    both = root / "both"
+    shutil.copytree(tiny_model_dir, both)
+    for part, stem in WEIGHTS.items():
+        tensors = load_file(both / part / f"{stem}.safetensors")
+        save_file({k: v.half() for k, v in tensors.items()}, both / part / f"{stem}.fp16.safetensors")
+    (both / "original").mkdir()
+    (both / "original" / "text2video_pytorch_model.pth").write_bytes(b"\0" * 4096)
+    (both / "README.md").write_text("# tiny\n")
+    bin_only = root / "bin-only"
+    shutil.copytree(tiny_model_dir, bin_only)
+    for part, stem in WEIGHTS.items():
+        safetensors = bin_only / part / f"{stem}.safetensors"
+        name = "pytorch_model.bin" if part == "text_encoder" else f"{stem}.bin"
+        torch.save(load_file(safetensors), bin_only / part / name)
+        safetensors.unlink()
+    return {"acme/both": both, "acme/bin-only": bin_only}
+
+
+def run_cli(args, cwd, hub=None, offline=False, home=None):
+    env = {**os.environ, "HF_HOME": str(home or cwd / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    if hub is not None:
+        env["HF_ENDPOINT"] = hub.url
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run([sys.executable, "-m", "vidsynth.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.fixture
+def hub_here(monkeypatch):
+    """In this process, point huggingface_hub at a cache under HF_HOME `home` and at `hub` (None: offline)."""
+    from huggingface_hub import constants
+
+    def point(home: Path, hub=None):
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", hub is None)
+        if hub is not None:
+            monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    return point
+
+
+def small_video(pipeline) -> np.ndarray:
+    return pipeline("a red circle", frames=2, height=32, width=32, steps=2, seed=4, progress=False).frames
+
+
+def tokenizer_files(repo: Path) -> set[str]:
+    return {f"tokenizer/{path.name}" for path in (repo / "tokenizer").iterdir()}
+
+
+def test_download_fetches_one_precision_and_later_runs_start_offline(repos, tiny_pipeline, hub_here, tmp_path):
+    import vidsynth
+    with FakeHub(repos) as hub:
+        done = run_cli(["download", "acme/both", "--dtype", "float32"], tmp_path, hub)
+        assert done.returncode == 0, done.stderr
+        folder = Path(done.stdout.strip())
+        assert "100%" in done.stderr  # the hub client's progress bar, which the CLI otherwise hides
+        assert folder.is_relative_to(tmp_path / "hf") and (folder / "unet" / "config.json").is_file()
+        full = {f"{part}/{stem}.safetensors" for part, stem in WEIGHTS.items()}
+        fetched = CONFIGS | tokenizer_files(repos["acme/both"]) | full
+        assert hub.downloaded("acme/both") == fetched and len(hub.downloads) == len(fetched)
+
+        # Already complete in the cache: asking for another precision fetches nothing more.
+        again = run_cli(["download", "acme/both", "--dtype", "float16"], tmp_path, hub)
+        assert again.returncode == 0 and Path(again.stdout.strip()) == folder
+        assert len(hub.downloads) == len(fetched)
+
+        # Half precision on a fresh cache: the float16 files instead of the float32 ones.
+        half = run_cli(["download", "acme/both", "--dtype", "float16"], tmp_path, hub, home=tmp_path / "hf16")
+        assert half.returncode == 0, half.stderr
+        fp16 = {f"{part}/{stem}.fp16.safetensors" for part, stem in WEIGHTS.items()}
+        assert {entry.removeprefix("acme/both/") for entry in hub.downloads[len(fetched):]} == fetched - full | fp16
+
+    # The hub is gone: both caches serve the model by its id.
+    offline = run_cli([*GENERATE, "--model", "acme/both", "-o", "cached.npy"], tmp_path, offline=True)
+    assert offline.returncode == 0, offline.stderr
+    reference = small_video(tiny_pipeline)
+    assert np.array_equal(np.load(tmp_path / "cached.npy"), reference)
+    hub_here(tmp_path / "hf16")
+    from_half = small_video(vidsynth.load("acme/both", device="cpu", dtype="float32"))
+    difference = np.abs(from_half.astype(int) - reference).max()
+    assert 0 < difference <= 8  # float16 weights run in float32: the same model up to their rounding
+
+
+def test_a_repo_of_bin_files_downloads_and_loads_the_same(repos, tiny_pipeline, tmp_path):
+    with FakeHub(repos) as hub:
+        done = run_cli([*GENERATE, "--model", "acme/bin-only", "-o", "bin.npy"], tmp_path, hub)
+        assert done.returncode == 0, done.stderr
+        assert {"unet/diffusion_pytorch_model.bin", "text_encoder/pytorch_model.bin"} <= hub.downloaded("acme/bin-only")
+    assert np.array_equal(np.load(tmp_path / "bin.npy"), small_video(tiny_pipeline))
+
+
+def test_an_interrupted_download_is_named_offline_and_resumed_online(repos, hub_here, tmp_path):
+    with FakeHub(repos) as hub:
+        assert run_cli(["download", "acme/both", "--dtype", "float32"], tmp_path, hub).returncode == 0
+        folder = next((tmp_path / "hf" / "hub" / "models--acme--both" / "snapshots").iterdir())
+        weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        Path(os.path.realpath(weights)).unlink()  # the blob and its link, as if the download stopped before them
+        weights.unlink()
+
+        hub_here(tmp_path / "hf")
+        with pytest.raises(ModelUnavailableError, match=r"acme/both is not in the Hugging Face cache .*missing: unet/"):
+            load_components("acme/both")
+
+        before = len(hub.downloads)
+        resumed = run_cli(["download", "acme/both", "--dtype", "float32"], tmp_path, hub)
+        assert resumed.returncode == 0, resumed.stderr
+        assert hub.downloads[before:] == ["acme/both/unet/diffusion_pytorch_model.safetensors"]
+    assert load_components("acme/both").unet is not None
+
+
+def test_unknown_repos_and_repos_of_other_kinds_are_named(repos, hub_here, tmp_path):
+    not_a_model = tmp_path / "not-a-model"
+    (not_a_model / "unet").mkdir(parents=True)
+    (not_a_model / "unet" / "config.json").write_text("{}")
+    with FakeHub({**repos, "acme/not-a-model": not_a_model}) as hub:
+        hub_here(tmp_path / "hf", hub)
+        with pytest.raises(ModelError, match="acme/nothing-here is not a model on the Hugging Face hub"):
+            load_components("acme/nothing-here")
+        with pytest.raises(ModelError, match="acme/not-a-model is not a diffusers-layout model"):
+            load_components("acme/not-a-model")
+        assert hub.downloads == []
+        unknown = run_cli(["download", "acme/nothing-here"], tmp_path, hub)
+        assert unknown.returncode == 2 and "vidsynth: error: acme/nothing-here is not a model" in unknown.stderr
+
+
+def test_the_files_fetched_from_a_repo_listing():
+    listing = ["model_index.json", "README.md", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
+               "tokenizer/merges.txt", "tokenizer/tokenizer_config.json", "original/configuration.json",
+               "original/text2video_pytorch_model.pth"]
+    for part, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model")):
+        listing += [f"{part}/config.json", f"{part}/{stem}.bin", f"{part}/{stem}.fp16.bin",
+                    f"{part}/{stem}.safetensors", f"{part}/{stem}.fp16.safetensors"]
+    # A sharded text encoder: full precision in two shards (one missing from a second, broken set), fp16 in one.
+    listing += ["text_encoder/config.json", "text_encoder/model.safetensors.index.json",
+                "text_encoder/model-00001-of-00002.safetensors", "text_encoder/model-00002-of-00002.safetensors",
+                "text_encoder/model.fp16.safetensors", "text_encoder/pytorch_model-00001-of-00002.bin"]
+    common = {"model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+              "tokenizer/tokenizer_config.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+              "text_encoder/model.safetensors.index.json"}
+    full = set(hub_files_to_fetch("acme/x", listing, half_precision=False))
+    assert full == common | {"unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                             "text_encoder/model-00001-of-00002.safetensors",
+                             "text_encoder/model-00002-of-00002.safetensors"}
+    half = set(hub_files_to_fetch("acme/x", listing, half_precision=True))
+    assert half == common | {"unet/diffusion_pytorch_model.fp16.safetensors",
+                             "vae/diffusion_pytorch_model.fp16.safetensors", "text_encoder/model.fp16.safetensors"}
+    with pytest.raises(ModelError, match="acme/x has no weights for its vae"):
+        hub_files_to_fetch("acme/x", [name for name in listing if not name.startswith("vae/diffusion")], False)
