@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from fake_hub import FakeHub
 from vidsynth import ModelError, ModelUnavailableError
-from vidsynth.loading import hub_files_to_fetch, load_components
+from vidsynth.loading import hub_files_to_fetch, load_components, locate
 
 WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 CONFIGS = {"model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json",
@@ -91,8 +91,8 @@ def test_download_fetches_one_precision_and_later_runs_start_offline(repos, tiny
         assert hub.downloaded("acme/both") == fetched and len(hub.downloads) == len(fetched)
 
         # Already complete in the cache: asking for another precision fetches nothing more.
-        again = run_cli(["download", "acme/both", "--dtype", "float16"], tmp_path, hub)
-        assert again.returncode == 0 and Path(again.stdout.strip()) == folder
+        hub_here(tmp_path / "hf", hub)
+        assert locate("acme/both", half_precision=True).path == folder
         assert len(hub.downloads) == len(fetched)
 
         # Half precision on a fresh cache: the float16 files instead of the float32 ones.
@@ -150,8 +150,10 @@ def test_unknown_repos_and_repos_of_other_kinds_are_named(repos, hub_here, tmp_p
         with pytest.raises(ModelError, match="acme/not-a-model is not a diffusers-layout model"):
             load_components("acme/not-a-model")
         assert hub.downloads == []
-        unknown = run_cli(["download", "acme/nothing-here"], tmp_path, hub)
-        assert unknown.returncode == 2 and "vidsynth: error: acme/nothing-here is not a model" in unknown.stderr
+    hub_here(tmp_path / "hf", hub)  # stopped: nothing answers at its address any more
+    with pytest.raises(ModelUnavailableError, match="acme/both could not be fetched from the Hugging Face hub .*"
+                                                    "vidsynth download acme/both"):
+        load_components("acme/both")
 
 
 def test_the_files_fetched_from_a_repo_listing():

@@ -94,7 +94,7 @@ def hf_snapshot(repo_id: str, half_precision: bool, local_only: bool = False) ->
     the files a load reads: configurations, tokenizer and one set of weights per model (float16 files for half
     precision where the repo has them; the repo's other formats, variants and folders are left on the hub)."""
     from huggingface_hub import HfApi, constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
     missing = ["model_index.json"]
     try:
@@ -105,25 +105,35 @@ def hf_snapshot(repo_id: str, half_precision: bool, local_only: bool = False) ->
     except LocalEntryNotFoundError:
         pass
     if local_only or constants.HF_HUB_OFFLINE:
-        from huggingface_hub.constants import HF_HUB_CACHE
-        raise ModelUnavailableError(
-            f"{repo_id} is not in the Hugging Face cache ({HF_HUB_CACHE}; missing: {', '.join(missing)}) and the hub "
-            f"is not to be reached (offline). On a machine with network run `vidsynth download {repo_id}` (or `hf "
-            f"download {repo_id}`) and copy the cache folder models--{repo_id.replace('/', '--')} there, or put a "
-            f"diffusers-layout folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) "
-            f"anywhere and pass its path as --model.")
+        raise ModelUnavailableError(f"{repo_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}; missing: "
+                                    f"{', '.join(missing)}) and fetching is off (HF_HUB_OFFLINE). {_elsewhere(repo_id)}")
+    # The hub client raises its HTTP library's own errors for a hub it cannot reach, and HfHubHTTPError for one that
+    # refuses: either way the model could not be fetched.
     try:
         names = [sibling.rfilename for sibling in HfApi().model_info(repo_id).siblings]
-        with download_progress_shown():
-            return Path(snapshot_download(repo_id, allow_patterns=hub_files_to_fetch(repo_id, names, half_precision)))
     except RepositoryNotFoundError:
         raise ModelError(f"{repo_id} is not a model on the Hugging Face hub (or it is private: log in with "
                          f"`hf auth login`)") from None
-    except (HfHubHTTPError, OSError) as exc:  # httpx's connection errors are OSErrors too
-        raise ModelUnavailableError(
-            f"{repo_id} could not be fetched from the Hugging Face hub ({type(exc).__name__}: {_first_line(exc)}). "
-            f"Run the command again to resume, or put a diffusers-layout folder anywhere and pass its path as "
-            f"--model.") from None
+    except Exception as exc:
+        raise _not_fetched(repo_id, exc) from None
+    wanted = hub_files_to_fetch(repo_id, names, half_precision)
+    try:
+        with download_progress_shown():
+            return Path(snapshot_download(repo_id, allow_patterns=wanted))
+    except Exception as exc:
+        raise _not_fetched(repo_id, exc) from None
+
+
+def _not_fetched(repo_id: str, exc: Exception) -> ModelUnavailableError:
+    return ModelUnavailableError(f"{repo_id} could not be fetched from the Hugging Face hub ({type(exc).__name__}: "
+                                 f"{_first_line(exc)}); run the command again to resume. {_elsewhere(repo_id)}")
+
+
+def _elsewhere(repo_id: str) -> str:
+    return (f"On a machine with network run `vidsynth download {repo_id}` (or `hf download {repo_id}`) and copy the "
+            f"cache folder models--{repo_id.replace('/', '--')} here, or put a diffusers-layout folder "
+            f"(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) anywhere and pass its path as "
+            f"--model.")
 
 
 @contextlib.contextmanager
