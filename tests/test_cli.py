@@ -77,6 +77,33 @@ def test_generate_info_and_replay(tiny_model_dir, tmp_path):
     assert changed.returncode == 0 and not np.array_equal(np.load(tmp_path / "first.npy"), np.load(tmp_path / "other.npy"))
 
 
+def test_commands_that_load_no_model_run_without_the_model_libraries(tmp_path):
+    """--help, --version and `info` import neither torch nor diffusers nor transformers (seconds of importing),
+    `models` and `download` not the latter two; `import vidsynth` builds and validates requests without them, and
+    loads the pipeline when it is first asked for."""
+    Video(np.zeros((2, 8, 8, 3), np.uint8), 8, {"prompt": "p", "seed": 1}).save(tmp_path / "v.mp4")
+    script = """if True:
+        import contextlib, io, json, sys
+        from vidsynth.cli import build_parser, main
+        build_parser().format_help()
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            assert main(["info", sys.argv[1], "--json"]) == 0
+        assert json.loads(out.getvalue())["settings"]["seed"] == 1
+        import vidsynth
+        vidsynth.GenerationRequest.create(prompt="a red circle", frames=2)
+        light = sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules)
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["models"]) == 0
+        listing = sorted(m for m in ("diffusers", "transformers") if m in sys.modules)
+        assert vidsynth.load.__module__ == "vidsynth.pipeline"
+        print(json.dumps([light, listing]))
+    """
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "v.mp4")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [[], []]
+
+
 def test_mp4_metadata_drives_info_and_default_names(tiny_model_dir, tmp_path):
     made = vidsynth("generate", "A car flying in space.", "--model", tiny_model_dir, *SMALL, "--seed", "3",
                     "--num-videos", "2", cwd=tmp_path)

@@ -5,7 +5,6 @@ __version__ = "0.1.0"
 from .errors import (Cancelled, InputError, ModelError, ModelUnavailableError, NumericalError, OutputError,
                      RequestError, VidsynthError)
 from .events import Event
-from .pipeline import Pipeline, load
 from .request import GenerationRequest, ModelDefaults
 from .video import Video, read_frames, read_settings
 
@@ -14,3 +13,13 @@ __all__ = [
     "NumericalError", "OutputError", "Pipeline", "RequestError", "Video", "VidsynthError", "load", "read_frames",
     "read_settings", "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # The pipeline imports torch, diffusers and transformers, seconds of work: only once it is used, so that the
+    # command line's --help and `vidsynth info`, and code that only builds requests, answer without them.
+    if name in ("Pipeline", "load"):
+        from . import pipeline
+        globals()[name] = value = getattr(pipeline, name)
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

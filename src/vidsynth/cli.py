@@ -14,9 +14,8 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .devices import DEVICE_CHOICES, DTYPE_CHOICES
+from .devices import DEVICE_CHOICES, DTYPE_CHOICES, OFFLOAD_MODES
 from .errors import OutputError, RequestError, VidsynthError
-from .pipeline import OFFLOAD_MODES
 from .request import PRESETS, SCHEDULERS, GenerationRequest
 
 # GenerationRequest field -> the CLI flag that sets it, so errors name what the user typed.
@@ -38,6 +37,9 @@ class UsageError(VidsynthError):
 
 # Commands that start no processes or threads which outlive them: they may skip Python's shutdown (`entry_point`).
 ONE_SHOT_COMMANDS = ("generate", "eval", "convert", "info", "models", "download")
+# Commands that load no model: they run without importing torch's model libraries (seconds), torch itself only
+# where they need it.
+MODEL_FREE_COMMANDS = ("info", "models", "download")
 
 
 def entry_point() -> None:
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    _quiet_libraries()
+    _quiet_libraries(models=args.command not in MODEL_FREE_COMMANDS)
     try:
         return args.run(args) or 0
     except RequestError as exc:
@@ -76,17 +78,20 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(models: bool) -> None:
+    """Warnings as one line each; the model libraries' logging and loading bars off (`models`: importing them to
+    say so takes seconds, which commands that load no model do without)."""
     warnings.showwarning = lambda message, category, *rest: print(f"vidsynth: warning: {message}", file=sys.stderr)
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     for name in ("diffusers", "transformers", "huggingface_hub", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    import diffusers.utils.logging
-    import transformers.utils.logging
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if models:
+        import diffusers.utils.logging
+        import transformers.utils.logging
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -369,13 +374,10 @@ def run_models(args) -> int:
 
 
 def run_download(args) -> int:
-    import torch
-
-    from .devices import resolve_device, resolve_dtype
+    from .devices import DTYPES, dtype_name, resolve_device, resolve_dtype
     from .loading import locate
-    dtype = resolve_dtype(args.dtype, resolve_device("auto"))
-    location = locate(args.model, half_precision=dtype in (torch.float16, torch.bfloat16))
-    print(location.path)
+    dtype = DTYPES.get(args.dtype) or dtype_name(resolve_dtype("auto", resolve_device("auto")))  # auto needs torch
+    print(locate(args.model, half_precision=dtype in ("float16", "bfloat16")).path)
     return 0
 
 

@@ -1,28 +1,33 @@
-"""Choosing the device and dtype a model runs in."""
+"""Choosing the device and dtype a model runs in, and the names of those settings.
+
+torch is imported where it is used: the command line builds its options from the names here without it.
+"""
 
 from __future__ import annotations
 
 import warnings
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import RequestError
 
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
+if TYPE_CHECKING:
+    import torch
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}  # name -> torch's name
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 DTYPE_CHOICES = ("auto", *DTYPES)
+OFFLOAD_MODES = ("none", "model", "sequential")
 
 
 def cpu_supports_bf16() -> bool:
+    import torch
     # oneDNN reports native bf16 only where the CPU has AVX-512 BF16 or AMX; elsewhere bf16 is emulated and slower.
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    import torch
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -40,6 +45,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
     if name == "auto":
         if device.type == "cuda":
             return torch.float16
@@ -48,7 +54,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.float32
     if name not in DTYPES:
         raise RequestError("dtype", f"unknown dtype {name!r}; choose from {', '.join(DTYPE_CHOICES)}")
-    dtype = DTYPES[name]
+    dtype = getattr(torch, DTYPES[name])
     if device.type == "cpu" and (dtype == torch.float16 or (dtype == torch.bfloat16 and not cpu_supports_bf16())):
         # The shipped model denoised 14x slower in either than in float32 on an AVX2-only CPU (BENCHMARKS.md).
         warnings.warn(f"{dtype_name(dtype)} is emulated on this CPU, many times slower than float32 "

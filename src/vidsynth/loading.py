@@ -12,16 +12,16 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
-import torch
-from diffusers import AutoencoderKL, UNet3DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
-
-from . import modelscope_format
 from .errors import ModelError, ModelUnavailableError
 from .registry import DEFAULTS_FILE, HUB_IDS, KNOWN_MODELS, SHIPPED_MODEL, KnownModel, package_model_path
 from .request import ModelDefaults
+
+if TYPE_CHECKING:  # the model libraries are imported by the functions that load models: finding one needs none
+    import torch
+    from diffusers import AutoencoderKL, UNet3DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 DIFFUSERS_INDEX = "model_index.json"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -225,7 +225,12 @@ def modelscope_snapshot(model_id: str, local_only: bool = False) -> Path:
             f"in one folder and pass it as --model.") from None
 
 
-def load_components(reference: Optional[str] = None, *, dtype: torch.dtype = torch.float32) -> Components:
+def load_components(reference: Optional[str] = None, *, dtype: Optional[torch.dtype] = None) -> Components:
+    """The model's components in `dtype` (default float32), on the CPU."""
+    import torch
+
+    from . import modelscope_format
+    dtype = dtype or torch.float32
     location = locate(reference, half_precision=dtype in (torch.float16, torch.bfloat16))
     folder = location.path
     if (folder / DIFFUSERS_INDEX).is_file():
@@ -265,20 +270,25 @@ def _read_index(folder: Path) -> dict:
     return index
 
 
-def _variant(subfolder: Path, dtype: torch.dtype) -> Optional[str]:
-    choice = preferred_weights((path.name for path in subfolder.glob("*")), dtype in (torch.float16, torch.bfloat16))
+def _variant(subfolder: Path, half_precision: bool) -> Optional[str]:
+    choice = preferred_weights((path.name for path in subfolder.glob("*")), half_precision)
     return choice[0] if choice else None
 
 
 def load_diffusers_components(folder: Path, dtype: torch.dtype) -> dict[str, Any]:
+    import torch
+    from diffusers import AutoencoderKL, UNet3DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
     _read_index(folder)
     parts: dict[str, Any] = {}
     loaders = {"unet": UNet3DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+    half_precision = dtype in (torch.float16, torch.bfloat16)
     for name, cls in loaders.items():
         subfolder = folder / name
         try:
             # Both libraries load .bin files with torch.load(weights_only=True) and prefer .safetensors.
-            parts[name] = cls.from_pretrained(subfolder, torch_dtype=dtype, variant=_variant(subfolder, dtype))
+            parts[name] = cls.from_pretrained(subfolder, torch_dtype=dtype, variant=_variant(subfolder, half_precision))
         except Exception as exc:  # diffusers/transformers raise OSError, ValueError, RuntimeError, SafetensorError...
             raise ModelError(f"cannot load {name} from {subfolder}: {type(exc).__name__}: {_first_line(exc)}") from None
     try:

@@ -23,7 +23,7 @@ from .caching import DeepFeatureCache, noise_prediction
 from .convolution import rewritten_convolutions
 from .cpu_memory import available_memory_bytes, free_memory_handed_back, freed_memory_reused
 from .cuda_graphs import CudaGraphedForward
-from .devices import dtype_name, resolve_device, resolve_dtype
+from .devices import OFFLOAD_MODES, dtype_name, resolve_device, resolve_dtype
 from .errors import InputError, NumericalError, RequestError
 from .events import Callback, Event, emit
 from .loading import Components, load_components
@@ -31,7 +31,6 @@ from .request import MAX_FPS, MAX_FRAMES, GenerationRequest
 from .schedulers import make_scheduler
 from .video import Video, read_frames
 
-OFFLOAD_MODES = ("none", "model", "sequential")
 LATENT_CHANNELS = 4
 # ms-1.7b in float32 on the CPU held 2.6 GiB beyond its weights at 16 frames 256x256 and 7.2-10.0 GiB at 64 frames
 # 256x256 and at 24 frames 576x320 (BENCHMARKS.md, "Long and large videos"): 44-67 bytes per unit of
