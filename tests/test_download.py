@@ -120,6 +120,24 @@ def test_a_repo_of_bin_files_downloads_and_loads_the_same(repos, tiny_pipeline, 
     assert np.array_equal(np.load(tmp_path / "bin.npy"), small_video(tiny_pipeline))
 
 
+def test_a_repo_in_modelscope_layout_fetches_the_weights_its_configuration_names(modelscope_reference, hub_here,
+                                                                                 tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(modelscope_reference["folder"], repo)
+    (repo / "samples").mkdir()
+    (repo / "samples" / "car.mp4").write_bytes(b"\0" * 4096)
+    with FakeHub({"acme/modelscope-layout": repo}) as hub:
+        done = run_cli(["download", "acme/modelscope-layout"], tmp_path, hub)
+        assert done.returncode == 0, done.stderr
+        assert hub.downloaded("acme/modelscope-layout") == {
+            "configuration.json", "text2video_pytorch_model.pth", "VQGAN_autoencoder.pth", "open_clip_pytorch_model.bin"}
+        folder = Path(done.stdout.strip())
+    for name in hub.downloaded("acme/modelscope-layout"):
+        assert (folder / name).read_bytes() == (repo / name).read_bytes(), name
+    hub_here(tmp_path / "hf")
+    assert load_components("acme/modelscope-layout").source == {"path": str(folder), "layout": "modelscope"}
+
+
 def test_an_interrupted_download_is_named_offline_and_resumed_online(repos, hub_here, tmp_path):
     with FakeHub(repos) as hub:
         assert run_cli(["download", "acme/both", "--dtype", "float32"], tmp_path, hub).returncode == 0
@@ -147,7 +165,8 @@ def test_unknown_repos_and_repos_of_other_kinds_are_named(repos, hub_here, tmp_p
         hub_here(tmp_path / "hf", hub)
         with pytest.raises(ModelError, match="acme/nothing-here is not a model on the Hugging Face hub"):
             load_components("acme/nothing-here")
-        with pytest.raises(ModelError, match="acme/not-a-model is not a diffusers-layout model"):
+        with pytest.raises(ModelError, match="acme/not-a-model is neither a diffusers-layout model .* nor a "
+                                             "ModelScope-layout one"):
             load_components("acme/not-a-model")
         assert hub.downloads == []
     hub_here(tmp_path / "hf", hub)  # stopped: nothing answers at its address any more

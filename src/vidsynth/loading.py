@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
-from .errors import ModelError, ModelUnavailableError
+from .errors import ModelError, ModelUnavailableError, VidsynthError
 from .registry import DEFAULTS_FILE, HUB_IDS, KNOWN_MODELS, SHIPPED_MODEL, KnownModel, package_model_path
 from .request import ModelDefaults
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the model libraries are imported by the functions that load
     from transformers import CLIPTextModel, CLIPTokenizer
 
 DIFFUSERS_INDEX = "model_index.json"
+MODELSCOPE_CONFIG = "configuration.json"  # named here, not in modelscope_format, so finding a model imports no torch
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -96,9 +97,10 @@ def hf_snapshot(repo_id: str, half_precision: bool, local_only: bool = False) ->
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
-    missing = ["model_index.json"]
+    missing = [DIFFUSERS_INDEX]
     try:
-        cached = Path(snapshot_download(repo_id, allow_patterns=[DIFFUSERS_INDEX], local_files_only=True))
+        cached = Path(snapshot_download(repo_id, allow_patterns=[DIFFUSERS_INDEX, MODELSCOPE_CONFIG],
+                                        local_files_only=True))
         missing = missing_parts(cached)
         if not missing:
             return cached
@@ -116,10 +118,17 @@ def hf_snapshot(repo_id: str, half_precision: bool, local_only: bool = False) ->
                          f"`hf auth login`)") from None
     except Exception as exc:
         raise _not_fetched(repo_id, exc) from None
-    wanted = hub_files_to_fetch(repo_id, names, half_precision)
     try:
+        if DIFFUSERS_INDEX not in names and MODELSCOPE_CONFIG in names:  # the configuration names the weight files
+            from huggingface_hub import hf_hub_download
+            folder = Path(hf_hub_download(repo_id, MODELSCOPE_CONFIG)).parent
+            wanted = [MODELSCOPE_CONFIG, *modelscope_weight_files(folder)]
+        else:
+            wanted = hub_files_to_fetch(repo_id, names, half_precision)
         with download_progress_shown():
             return Path(snapshot_download(repo_id, allow_patterns=wanted))
+    except VidsynthError:
+        raise
     except Exception as exc:
         raise _not_fetched(repo_id, exc) from None
 
@@ -157,7 +166,8 @@ def hub_files_to_fetch(repo_id: str, names: list[str], half_precision: bool) -> 
     """Of a diffusers-layout repo's files, those a load reads: model_index.json and vidsynth's defaults, every
     configuration and tokenizer file of the components, and one set of weights per model (`preferred_weights`)."""
     if DIFFUSERS_INDEX not in names:
-        raise ModelError(f"{repo_id} is not a diffusers-layout model: it has no {DIFFUSERS_INDEX}")
+        raise ModelError(f"{repo_id} is neither a diffusers-layout model (no {DIFFUSERS_INDEX}) nor a ModelScope-layout "
+                         f"one (no {MODELSCOPE_CONFIG})")
     wanted = [name for name in names if name in (DIFFUSERS_INDEX, DEFAULTS_FILE)
               or (name.endswith((".json", ".txt")) and name.split("/")[0] in COMPONENTS and name.count("/") == 1)]
     for part in WEIGHTED_COMPONENTS:
@@ -169,8 +179,16 @@ def hub_files_to_fetch(repo_id: str, names: list[str], half_precision: bool) -> 
     return wanted
 
 
+def modelscope_weight_files(folder: Path) -> list[str]:
+    """The weight files the configuration in a ModelScope-layout folder names."""
+    from . import modelscope_format
+    return list(modelscope_format.checkpoint_files(modelscope_format.read_configuration(folder)).values())
+
+
 def missing_parts(folder: Path) -> list[str]:
-    """What a diffusers-layout folder lacks for a load (after an interrupted download, say): [] when complete."""
+    """What a model folder lacks for a load (after an interrupted download, say): [] when complete."""
+    if not (folder / DIFFUSERS_INDEX).is_file() and (folder / MODELSCOPE_CONFIG).is_file():
+        return [name for name in modelscope_weight_files(folder) if not (folder / name).is_file()]
     missing = [] if (folder / DIFFUSERS_INDEX).is_file() else [DIFFUSERS_INDEX]
     for part in WEIGHTED_COMPONENTS:
         names = [path.name for path in (folder / part).glob("*")]
@@ -239,7 +257,7 @@ def load_components(reference: Optional[str] = None, *, dtype: Optional[torch.dt
         parts, layout = modelscope_format.load_modelscope_components(folder), "modelscope"
     else:
         raise ModelError(f"{folder} is neither a diffusers-layout model folder (no {DIFFUSERS_INDEX}) nor a "
-                         f"ModelScope-layout one (no {modelscope_format.CONFIG_FILE})")
+                         f"ModelScope-layout one (no {MODELSCOPE_CONFIG})")
     for name in ("unet", "vae", "text_encoder"):
         parts[name].eval().requires_grad_(False)  # built modules start in training mode, with dropout on
     defaults = location.known.defaults if location.known else read_defaults(folder, parts)

@@ -25,6 +25,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, conv
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .errors import ModelError
+from .loading import MODELSCOPE_CONFIG as CONFIG_FILE
 
 # configuration.json's model_cfg of damo/text-to-video-synthesis
 MS_1_7B = {
@@ -34,7 +35,6 @@ MS_1_7B = {
 }
 
 
-CONFIG_FILE = "configuration.json"
 DEFAULT_FILES = {
     "ckpt_unet": "text2video_pytorch_model.pth",
     "ckpt_autoencoder": "VQGAN_autoencoder.pth",
@@ -292,10 +292,15 @@ def openclip_tokenizer() -> CLIPTokenizer:
 
 # --------------------------------------------------------------------------------------------------------------- folder
 
+def checkpoint_files(config: dict) -> dict[str, str]:
+    """The weight files a configuration names (or the defaults), by the role it gives them (`ckpt_unet`...)."""
+    return {**DEFAULT_FILES, **{k: v for k, v in config["model"].get("model_args", {}).items() if k in DEFAULT_FILES}}
+
+
 def load_modelscope_components(folder: Path) -> dict:
     """All components of a ModelScope-layout folder, converted, in float32 on the CPU."""
     config = read_configuration(folder)
-    files = {**DEFAULT_FILES, **{k: v for k, v in config["model"].get("model_args", {}).items() if k in DEFAULT_FILES}}
+    files = checkpoint_files(config)
 
     unet_state = load_pickle(folder / files["ckpt_unet"])
     unet = unet_from_state(config["model"]["model_cfg"], unet_state.get("state_dict", unet_state))
