@@ -92,12 +92,13 @@ def _looks_like_repo_id(reference: str) -> bool:
 def hf_snapshot(repo_id: str, half_precision: bool, local_only: bool = False) -> Path:
     """The model's folder in the Hugging Face cache: as cached when it holds every part a load needs (in whichever
     precision it was fetched), else fetched, unless `local_only` or the hub is offline (HF_HUB_OFFLINE), with only
-    the files a load reads: configurations, tokenizer and one set of weights per model (float16 files for half
-    precision where the repo has them; the repo's other formats, variants and folders are left on the hub)."""
+    the files a load reads: in diffusers layout the configurations, tokenizer and one set of weights per model
+    (float16 files for half precision where the repo has them; the repo's other formats, variants and folders stay
+    on the hub), in ModelScope layout the configuration and the weight files it names."""
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
-    missing = [DIFFUSERS_INDEX]
+    missing = None  # the parts a cached copy lacks; None: none is cached
     try:
         cached = Path(snapshot_download(repo_id, allow_patterns=[DIFFUSERS_INDEX, MODELSCOPE_CONFIG],
                                         local_files_only=True))
@@ -107,8 +108,9 @@ def hf_snapshot(repo_id: str, half_precision: bool, local_only: bool = False) ->
     except LocalEntryNotFoundError:
         pass
     if local_only or constants.HF_HUB_OFFLINE:
-        raise ModelUnavailableError(f"{repo_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}; missing: "
-                                    f"{', '.join(missing)}) and fetching is off (HF_HUB_OFFLINE). {_elsewhere(repo_id)}")
+        cached = "not in" if missing is None else f"only partly (missing: {', '.join(missing)}) in"
+        raise ModelUnavailableError(f"{repo_id} is {cached} the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                                    f"fetching is off (HF_HUB_OFFLINE). {_elsewhere(repo_id)}")
     # The hub client raises its HTTP library's own errors for a hub it cannot reach, and HfHubHTTPError for one that
     # refuses: either way the model could not be fetched.
     try:
