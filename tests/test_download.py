@@ -129,8 +129,8 @@ def test_a_repo_in_modelscope_layout_fetches_the_weights_its_configuration_names
     with FakeHub({"acme/modelscope-layout": repo}) as hub:
         done = run_cli(["download", "acme/modelscope-layout"], tmp_path, hub)
         assert done.returncode == 0, done.stderr
-        assert hub.downloaded("acme/modelscope-layout") == {
-            "configuration.json", "text2video_pytorch_model.pth", "VQGAN_autoencoder.pth", "open_clip_pytorch_model.bin"}
+        assert hub.downloaded("acme/modelscope-layout") == {"configuration.json", "text2video_pytorch_model.pth",
+                                                            "VQGAN_autoencoder.pth", "open_clip_pytorch_model.bin"}
         folder = Path(done.stdout.strip())
     for name in hub.downloaded("acme/modelscope-layout"):
         assert (folder / name).read_bytes() == (repo / name).read_bytes(), name

@@ -168,8 +168,8 @@ def hub_files_to_fetch(repo_id: str, names: list[str], half_precision: bool) -> 
     """Of a diffusers-layout repo's files, those a load reads: model_index.json and vidsynth's defaults, every
     configuration and tokenizer file of the components, and one set of weights per model (`preferred_weights`)."""
     if DIFFUSERS_INDEX not in names:
-        raise ModelError(f"{repo_id} is neither a diffusers-layout model (no {DIFFUSERS_INDEX}) nor a ModelScope-layout "
-                         f"one (no {MODELSCOPE_CONFIG})")
+        raise ModelError(f"{repo_id} is neither a diffusers-layout model (no {DIFFUSERS_INDEX}) nor a "
+                         f"ModelScope-layout one (no {MODELSCOPE_CONFIG})")
     wanted = [name for name in names if name in (DIFFUSERS_INDEX, DEFAULTS_FILE)
               or (name.endswith((".json", ".txt")) and name.split("/")[0] in COMPONENTS and name.count("/") == 1)]
     for part in WEIGHTED_COMPONENTS:
