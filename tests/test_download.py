@@ -78,6 +78,26 @@ def tokenizer_files(repo: Path) -> set[str]:
     return {f"tokenizer/{path.name}" for path in (repo / "tokenizer").iterdir()}
 
 
+def test_hub_ids_resolve_through_the_hugging_face_cache(tiny_model_dir, tmp_path):
+    """A model in HF_HOME's cache layout loads by repo id with the hub offline; one not cached fails clearly."""
+    revision = "0" * 40
+    repo = tmp_path / "hf" / "hub" / "models--acme--tiny-t2v"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+
+    done = run_cli(["generate", "a red circle", "--model", "acme/tiny-t2v", "--frames", "2", "--height", "32",
+                    "--width", "32", "--steps", "2", "--seed", "1", "-o", "out.npy"], tmp_path, offline=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out.npy").is_file()
+
+    missing = run_cli(["generate", "a red circle", "--model", "acme/not-cached", "-o", "x.mp4"], tmp_path, offline=True)
+    assert missing.returncode == 1
+    assert "acme/not-cached is not in the Hugging Face cache" in missing.stderr
+    assert "hf download acme/not-cached" in missing.stderr and "model_index.json" in missing.stderr
+    assert not (tmp_path / "x.mp4").exists()
+
+
 def test_download_fetches_one_precision_and_later_runs_start_offline(repos, tiny_pipeline, hub_here, tmp_path):
     import vidsynth
     with FakeHub(repos) as hub:

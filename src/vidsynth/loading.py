@@ -95,7 +95,7 @@ def hf_snapshot(repo_id: str, half_precision: bool, local_only: bool = False) ->
     the files a load reads: in diffusers layout the configurations, tokenizer and one set of weights per model
     (float16 files for half precision where the repo has them; the repo's other formats, variants and folders stay
     on the hub), in ModelScope layout the configuration and the weight files it names."""
-    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
     missing = None  # the parts a cached copy lacks; None: none is cached
@@ -122,7 +122,6 @@ def hf_snapshot(repo_id: str, half_precision: bool, local_only: bool = False) ->
         raise _not_fetched(repo_id, exc) from None
     try:
         if DIFFUSERS_INDEX not in names and MODELSCOPE_CONFIG in names:  # the configuration names the weight files
-            from huggingface_hub import hf_hub_download
             folder = Path(hf_hub_download(repo_id, MODELSCOPE_CONFIG)).parent
             wanted = [MODELSCOPE_CONFIG, *modelscope_weight_files(folder)]
         else:
