@@ -1,6 +1,7 @@
 """Fetching models from the Hugging Face hub (a loopback stand-in serving the hub's HTTP API): only the files a load
 reads come down, in the precision asked for, into the standard cache, from which later runs start offline."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -78,13 +79,19 @@ def tokenizer_files(repo: Path) -> set[str]:
     return {f"tokenizer/{path.name}" for path in (repo / "tokenizer").iterdir()}
 
 
+def cache_snapshot(model: Path, home: Path, repo_id: str) -> Path:
+    """Put a model folder into HF_HOME `home`'s cache layout as `repo_id`'s main revision; returns its folder there."""
+    repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(model, snapshot, dirs_exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(snapshot.name)
+    return snapshot
+
+
 def test_hub_ids_resolve_through_the_hugging_face_cache(tiny_model_dir, tmp_path):
     """A model in HF_HOME's cache layout loads by repo id with the hub offline; one not cached fails clearly."""
-    revision = "0" * 40
-    repo = tmp_path / "hf" / "hub" / "models--acme--tiny-t2v"
-    shutil.copytree(tiny_model_dir, repo / "snapshots" / revision)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(revision)
+    cache_snapshot(tiny_model_dir, tmp_path / "hf", "acme/tiny-t2v")
 
     done = run_cli(["generate", "a red circle", "--model", "acme/tiny-t2v", "--frames", "2", "--height", "32",
                     "--width", "32", "--steps", "2", "--seed", "1", "-o", "out.npy"], tmp_path, offline=True)
@@ -96,6 +103,24 @@ def test_hub_ids_resolve_through_the_hugging_face_cache(tiny_model_dir, tmp_path
     assert "acme/not-cached is not in the Hugging Face cache" in missing.stderr
     assert "hf download acme/not-cached" in missing.stderr and "model_index.json" in missing.stderr
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_models_tells_downloaded_partly_downloaded_and_absent_apart(tiny_model_dir, hub_here, tmp_path, capsys):
+    from vidsynth.cli import main
+    cache_snapshot(tiny_model_dir, tmp_path / "hf", "cerspense/zeroscope_v2_576w")
+    partial = cache_snapshot(tiny_model_dir, tmp_path / "hf", "damo-vilab/text-to-video-ms-1.7b")
+    (partial / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    hub_here(tmp_path / "hf")
+
+    assert main(["models", "--json"]) == 0
+    rows = {row["alias"]: row for row in json.loads(capsys.readouterr().out)}
+    assert (rows["ms-1.7b"]["local_path"], rows["ms-1.7b"]["missing"]) == (None, ["unet/"])
+    assert rows["zeroscope-576w"]["local_path"].endswith("snapshots/" + "0" * 40)
+    assert (rows["zeroscope-xl"]["local_path"], rows["zeroscope-xl"]["missing"]) == (None, [])
+    assert main(["models"]) == 0
+    listing = capsys.readouterr().out
+    assert "partly downloaded, missing unet/: `vidsynth download ms-1.7b` resumes" in listing
+    assert "zeroscope-xl" in listing and "[not downloaded]" in listing
 
 
 def test_download_fetches_one_precision_and_later_runs_start_offline(repos, tiny_pipeline, hub_here, tmp_path):

@@ -352,15 +352,20 @@ def run_info(args) -> int:
 
 
 def run_models(args) -> int:
-    from .loading import locate
+    from .loading import cached_snapshot, locate
     from .registry import KNOWN_MODELS
     rows = []
     for model in KNOWN_MODELS.values():
-        try:
-            path = str(locate(model.alias, local_only=True).path)
-        except VidsynthError:
-            path = None
-        rows.append({"alias": model.alias, "source": model.source, "local_path": path,
+        kind, target = model.source.split(":", 1)
+        if kind == "hf":  # the Hugging Face cache also tells what a partly downloaded model lacks
+            path, missing = cached_snapshot(target)
+        else:
+            try:
+                path, missing = locate(model.alias, local_only=True).path, None
+            except VidsynthError:
+                path, missing = None, None
+        rows.append({"alias": model.alias, "source": model.source,
+                     "local_path": str(path) if path and not missing else None, "missing": missing or [],
                      "defaults": model.defaults.as_dict(), "description": model.description})
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -368,6 +373,8 @@ def run_models(args) -> int:
     for row in rows:
         d = row["defaults"]
         where = row["local_path"] or "not downloaded"
+        if row["missing"]:
+            where = f"partly downloaded, missing {', '.join(row['missing'])}: `vidsynth download {row['alias']}` resumes"
         print(f"{row['alias']:20s} {d['frames']} frames {d['width']}x{d['height']}, {d['steps']} steps  "
               f"[{where}]\n{'':20s} {row['description']}")
     return 0

@@ -96,20 +96,14 @@ def hf_snapshot(repo_id: str, half_precision: bool, local_only: bool = False) ->
     (float16 files for half precision where the repo has them; the repo's other formats, variants and folders stay
     on the hub), in ModelScope layout the configuration and the weight files it names."""
     from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import RepositoryNotFoundError
 
-    missing = None  # the parts a cached copy lacks; None: none is cached
-    try:
-        cached = Path(snapshot_download(repo_id, allow_patterns=[DIFFUSERS_INDEX, MODELSCOPE_CONFIG],
-                                        local_files_only=True))
-        missing = missing_parts(cached)
-        if not missing:
-            return cached
-    except LocalEntryNotFoundError:
-        pass
+    cached, missing = cached_snapshot(repo_id)
+    if cached is not None and not missing:
+        return cached
     if local_only or constants.HF_HUB_OFFLINE:
-        cached = "not in" if missing is None else f"only partly (missing: {', '.join(missing)}) in"
-        raise ModelUnavailableError(f"{repo_id} is {cached} the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+        held = "not in" if missing is None else f"only partly (missing: {', '.join(missing)}) in"
+        raise ModelUnavailableError(f"{repo_id} is {held} the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
                                     f"fetching is off (HF_HUB_OFFLINE). {_elsewhere(repo_id)}")
     # The hub client raises its HTTP library's own errors for a hub it cannot reach, and HfHubHTTPError for one that
     # refuses: either way the model could not be fetched.
@@ -132,6 +126,19 @@ def hf_snapshot(repo_id: str, half_precision: bool, local_only: bool = False) ->
         raise
     except Exception as exc:
         raise _not_fetched(repo_id, exc) from None
+
+
+def cached_snapshot(repo_id: str) -> tuple[Optional[Path], Optional[list[str]]]:
+    """The Hugging Face cache's copy of a repo and the parts it lacks for a load ([] when complete); (None, None)
+    when the cache holds none of it. Asks no hub."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        cached = Path(snapshot_download(repo_id, allow_patterns=[DIFFUSERS_INDEX, MODELSCOPE_CONFIG],
+                                        local_files_only=True))
+    except LocalEntryNotFoundError:
+        return None, None
+    return cached, missing_parts(cached)
 
 
 def _not_fetched(repo_id: str, exc: Exception) -> ModelUnavailableError:
