@@ -1,15 +1,19 @@
-"""Jobs outlive the server: kill -9 it mid-job, start it again, and every job still ends, none twice."""
+"""Jobs outlive the server: kill -9 it mid-job, start it again, and every job still ends, none twice; a failed write
+leaves nothing half-written."""
 
 from __future__ import annotations
 
+import errno
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 
 from test_server import PROMPT, _decode_mp4
 from vidsynth.jobs import FAILED, MAX_ATTEMPTS, QUEUED, JobStore
@@ -111,3 +115,21 @@ def test_retention_bounds_the_jobs_kept(tmp_path):
     assert kept == made[:-3:-1]
     assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == sorted(made[-2:])
     assert np.all([store.get(job_id) is None for job_id in made[:3]])
+
+
+def test_an_upload_whose_write_fails_leaves_no_file(tmp_path, monkeypatch):
+    store = JobStore(tmp_path)
+    real_write = Path.write_bytes
+
+    def disk_full(path, data):
+        real_write(path, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        store.add_upload(b"\x89PNG" + b"\0" * 1000, "image/png")
+    assert list((tmp_path / "uploads").iterdir()) == []
+    monkeypatch.setattr(Path, "write_bytes", real_write)
+    upload_id, path = store.add_upload(b"\x89PNG" + b"\0" * 1000, "image/png")
+    assert path.name.startswith(upload_id) and path.read_bytes().startswith(b"\x89PNG")
+    assert list((tmp_path / "uploads").iterdir()) == [path]

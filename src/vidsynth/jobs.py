@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import RequestError
+from .video import atomic_file
 
 QUEUED, IN_PROGRESS, COMPLETED, FAILED, CANCELED = "queued", "in_progress", "completed", "failed", "canceled"
 FINISHED = (COMPLETED, FAILED, CANCELED)
@@ -252,7 +253,6 @@ class JobStore:
         """Store an uploaded start video or image under a new id, whole or not at all. Returns (id, path)."""
         upload_id = f"upload_{secrets.token_hex(12)}"
         path = self.uploads_dir / f"{upload_id}{UPLOAD_TYPES[content_type]}"
-        partial = path.with_name(f".{path.name}.part")
-        partial.write_bytes(data)
-        partial.replace(path)
+        with atomic_file(path) as temporary:
+            Path(temporary).write_bytes(data)
         return upload_id, path

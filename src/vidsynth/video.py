@@ -107,7 +107,7 @@ def write_video(path: PathLike, frames: np.ndarray, fps: int, settings: dict, *,
     if kind == "png":
         _write_png_folder(path, frames, settings if sidecar else None)
         return path
-    with _atomic(path) as temporary:
+    with atomic_file(path) as temporary:
         if kind in ("mp4", "webm"):
             _encode(temporary, frames, fps, VIDEO_FORMATS[path.suffix.lower()], settings, kind)
         elif kind == "gif":
@@ -118,7 +118,7 @@ def write_video(path: PathLike, frames: np.ndarray, fps: int, settings: dict, *,
             with open(temporary, "wb") as handle:
                 np.save(handle, frames)
     if sidecar:
-        with _atomic(sidecar_path(path)) as temporary:
+        with atomic_file(sidecar_path(path)) as temporary:
             Path(temporary).write_text(json.dumps(settings, indent=2) + "\n")
     return path
 
@@ -139,7 +139,7 @@ def new_path_beside(path: Path, suffix: str = ".part", *, folder: bool = False) 
             continue
 
 
-class _atomic:
+class atomic_file:
     """A temporary file beside `path` that replaces it on success and disappears on failure."""
 
     def __init__(self, path: Path):
