@@ -5,6 +5,7 @@ channels-last convolution weights.
     python benchmarks/unet_variants.py                   # CUDA, float16, 16 frames 256x256 (32x32 latents)
     python benchmarks/unet_variants.py --compiled        # also the torch.compile variants (minutes each)
     python benchmarks/unet_variants.py --compiled --skip "3-D"    # leave out variants whose names contain this
+    python benchmarks/unet_variants.py --compiled --only compiled  # only the compiled variants (and the reference)
     python benchmarks/unet_variants.py --device cpu --dtype float32 --frames 2 --size 8 --repeats 1
 """
 
@@ -32,6 +33,7 @@ class Variant:
     graph: bool = False  # replayed from a CUDA graph of the eager kernels
     channels_last: bool = False  # convolution weights channels-last
     compiled: bool = False  # torch.compile, reduce-overhead: inductor's kernels replayed from CUDA graphs
+    autotune: bool = False  # compiled with max-autotune: inductor times its own kernels against the vendor ones
 
 
 VARIANTS = {
@@ -47,6 +49,8 @@ VARIANTS = {
     "diffusers' attention processors + CUDA graph": Variant(per_video_text=False, graph=True),
     "compiled, 3-D temporal convolutions": Variant(compiled=True),
     "compiled + temporal 2-D (vidsynth's --compile on CUDA)": Variant(compiled=True, temporal_2d=True),
+    "compiled + temporal 2-D + cudnn.benchmark": Variant(compiled=True, temporal_2d=True, cudnn_benchmark=True),
+    "compiled with max-autotune + temporal 2-D": Variant(compiled=True, temporal_2d=True, autotune=True),
 }
 
 
@@ -68,9 +72,10 @@ def channels_last_convolutions(unet: torch.nn.Module):
             module.weight.data = weight
 
 
-def compiled_forward(unet: torch.nn.Module):
-    """A fresh torch.compile of the UNet as the pipeline compiles it on CUDA. Prints whether inductor's heuristic
-    stores the activations channels-last (it does so only around 2-D convolutions), then the first call's time."""
+def compiled_forward(unet: torch.nn.Module, autotune: bool = False):
+    """A fresh torch.compile of the UNet as the pipeline compiles it on CUDA (or with max-autotune, which also
+    replays CUDA graphs). Prints whether inductor's heuristic stores the activations channels-last (it does so only
+    around 2-D convolutions), then the first call's time."""
     from torch._dynamo import reset
     from torch._inductor.graph import GraphLowering
 
@@ -78,7 +83,9 @@ def compiled_forward(unet: torch.nn.Module):
     from vidsynth.pipeline import compile_unet
 
     reset()
-    forward = noise_prediction(compile_unet(unet, torch.device("cuda")))
+    compiled = (torch.compile(unet, mode="max-autotune", dynamic=False) if autotune
+                else compile_unet(unet, torch.device("cuda")))
+    forward = noise_prediction(compiled)
     decide = GraphLowering.decide_layout_opt
 
     def reported(gm, *, is_inference):
@@ -115,6 +122,7 @@ def main() -> None:
     parser.add_argument("--compiled", action="store_true", help="also the torch.compile variants (CUDA only)")
     parser.add_argument("--skip", action="append", default=[], help="leave out variants whose names contain this "
                         "(repeatable); the first variant always runs, as the reference")
+    parser.add_argument("--only", help="run only the variants whose names contain this (and the first)")
     args = parser.parse_args()
 
     from vidsynth.attention import text_attention_per_video
@@ -131,7 +139,8 @@ def main() -> None:
     plain = noise_prediction(unet)
     names = list(VARIANTS)
     chosen = [name for name in names if (args.compiled and cuda) or not VARIANTS[name].compiled]
-    chosen = [name for name in chosen if name == names[0] or not any(part in name for part in args.skip)]
+    chosen = [name for name in chosen if name == names[0] or not any(part in name for part in args.skip)
+              and (args.only is None or args.only in name)]
 
     def sync():
         if cuda:
@@ -166,7 +175,7 @@ def main() -> None:
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
                 if variant.compiled:
-                    forward = compiled_forward(unet)
+                    forward = compiled_forward(unet, variant.autotune)
                 else:
                     forward = CudaGraphedForward(plain) if variant.graph else plain
                 ms, out = timed(forward)
