@@ -62,7 +62,7 @@ def test_make_watch_download_cancel_and_history(browser, site, artifacts, tmp_pa
 
     # Make a video and watch the progress move.
     page.fill("#frames", "16")
-    page.fill("#steps", "60")
+    page.fill("#steps", "20")
     page.fill("#seed", "5")
     page.click("#submit")
     page.wait_for_function("document.querySelector('#progress').value > 5 && document.querySelector('#progress').value < 100")
@@ -135,7 +135,7 @@ def test_make_watch_download_cancel_and_history(browser, site, artifacts, tmp_pa
     items.nth(2).locator("button.reuse").click()
     assert page.input_value("#init_video") == first["id"] and page.input_value("#strength") == "0.5"
     items.nth(3).locator("button.reuse").click()
-    assert page.input_value("#seed") == "5" and page.input_value("#steps") == "60"
+    assert page.input_value("#seed") == "5" and page.input_value("#steps") == "20"
     assert page.is_hidden("#start-from")
     items.nth(3).locator(".text").click()
     page.wait_for_function("document.querySelector('#player').readyState >= 2")
