@@ -1,6 +1,8 @@
-"""A Hugging Face hub on loopback that serves local folders as model repos: the part of the hub's HTTP API that
-huggingface_hub's `model_info`, `list_repo_tree` and file downloads use, so that vidsynth's download code runs
-against a real HTTP server in tests. Point huggingface_hub at it with HF_ENDPOINT (read when it is imported)."""
+"""A model hub on loopback that serves local folders as model repos, so that vidsynth's download code runs against a
+real HTTP server in tests. It answers the part of the Hugging Face hub's HTTP API that huggingface_hub's
+`model_info`, `list_repo_tree` and file downloads use (point huggingface_hub at it with HF_ENDPOINT, read when it is
+imported), and the part of the ModelScope hub's that the modelscope client's `snapshot_download` uses: a repo's file
+listing and file downloads (MODELSCOPE_ENDPOINT)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from typing import Optional
+from urllib.parse import parse_qs, unquote, urlsplit
 
 
 class FakeHub:
@@ -58,7 +61,10 @@ class FakeHub:
                 self._answer(body=False)
 
             def _answer(self, body: bool):
-                parts = [unquote(part) for part in urlsplit(self.path).path.strip("/").split("/")]
+                url = urlsplit(self.path)
+                parts = [unquote(part) for part in url.path.strip("/").split("/")]
+                if parts[:3] == ["api", "v1", "models"] and len(parts) >= 6:
+                    return self._modelscope("/".join(parts[3:5]), parts[5:], parse_qs(url.query), body)
                 if parts[:2] == ["api", "models"] and len(parts) >= 4:
                     repo_id, route = "/".join(parts[2:4]), (parts[4:] or ["revision"])[0]
                     if repo_id not in hub.repos:
@@ -78,19 +84,37 @@ class FakeHub:
                     repo_id, name = "/".join(parts[:2]), "/".join(parts[4:])
                     if repo_id not in hub.repos or not (hub.repos[repo_id] / name).is_file():
                         return self._not_found()
-                    data = (hub.repos[repo_id] / name).read_bytes()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/octet-stream")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
-                    self.send_header("X-Repo-Commit", hub.commit(repo_id))
-                    self.end_headers()
-                    if body:
-                        with hub.lock:
-                            hub.downloads.append(f"{repo_id}/{name}")
-                        self.wfile.write(data)
-                    return
+                    return self._file(repo_id, name, body, {"X-Repo-Commit": hub.commit(repo_id)})
                 self._not_found()
+
+            def _modelscope(self, repo_id: str, route: list[str], query: dict, body: bool):
+                if repo_id not in hub.repos:
+                    return self._not_found()
+                root = hub.repos[repo_id]
+                if route == ["repo", "files"]:
+                    files = [{"Name": name.rsplit("/", 1)[-1], "Path": name, "Type": "blob", "IsLFS": True,
+                              "Size": (root / name).stat().st_size, "Revision": hub.commit(repo_id),
+                              "Sha256": hashlib.sha256((root / name).read_bytes()).hexdigest()}
+                             for name in hub.files(repo_id)]
+                    return self._json({"Code": 200, "Success": True, "Data": {"Files": files}})
+                name = query.get("FilePath", [""])[0]
+                if route == ["repo"] and (root / name).is_file():
+                    return self._file(repo_id, name, body)
+                self._not_found()
+
+            def _file(self, repo_id: str, name: str, body: bool, headers: Optional[dict] = None):
+                data = (hub.repos[repo_id] / name).read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.end_headers()
+                if body:
+                    with hub.lock:
+                        hub.downloads.append(f"{repo_id}/{name}")
+                    self.wfile.write(data)
 
             def _json(self, value):
                 data = json.dumps(value).encode()

@@ -1,8 +1,8 @@
 """ModelScope's and open_clip's own model code, used as references by the parity tests.
 
-Both packages are installed with --no-deps (see README) and imported by file, because on today's packages:
-- `import modelscope` pulls its hub client and many unrelated dependencies; its video_synthesis model files
-  (unet_sd.py, autoencoder.py, diffusion.py) need only torch, einops and numpy, so they are loaded directly.
+Both packages are pinned with --no-deps (see README) and their model files imported by file, because:
+- `import modelscope` imports much that is unrelated; its video_synthesis model files (unet_sd.py, autoencoder.py,
+  diffusion.py) need only torch, einops and numpy, so they are loaded directly.
 - open_clip's package imports torchvision (which would drag a CUDA build of torch in), though its text tower does
   not use it; `open_clip.transformer` is loaded with a stand-in for the one torchvision class its utils import.
 - ModelScope's text encoder permutes to sequence-first for open_clip 2's blocks; open_clip 3's blocks are batch-first,

@@ -48,10 +48,11 @@ def repos(tiny_model_dir, tmp_path_factory):
 
 
 def run_cli(args, cwd, hub=None, offline=False, home=None):
-    env = {**os.environ, "HF_HOME": str(home or cwd / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env = {**os.environ, "HF_HOME": str(home or cwd / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1",
+           "MODELSCOPE_CACHE": str(cwd / "modelscope")}
     env.pop("HF_HUB_OFFLINE", None)
     if hub is not None:
-        env["HF_ENDPOINT"] = hub.url
+        env["HF_ENDPOINT"] = env["MODELSCOPE_ENDPOINT"] = hub.url
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
     return subprocess.run([sys.executable, "-m", "vidsynth.cli", *args], capture_output=True, text=True, env=env,
@@ -181,6 +182,36 @@ def test_a_repo_in_modelscope_layout_fetches_the_weights_its_configuration_names
         assert (folder / name).read_bytes() == (repo / name).read_bytes(), name
     hub_here(tmp_path / "hf")
     assert load_components("acme/modelscope-layout").source == {"path": str(folder), "layout": "modelscope"}
+
+
+def test_the_modelscope_hub_gives_the_configuration_and_the_weights_it_names(modelscope_reference, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(modelscope_reference["folder"], repo)
+    (repo / "samples").mkdir()
+    (repo / "samples" / "car.mp4").write_bytes(b"\0" * 4096)
+    weights = ["text2video_pytorch_model.pth", "VQGAN_autoencoder.pth", "open_clip_pytorch_model.bin"]
+    with FakeHub({"damo/text-to-video-synthesis": repo}) as hub:
+        done = run_cli(["download", "ms-1.7b-modelscope"], tmp_path, hub)
+        assert done.returncode == 0, done.stderr
+        folder = Path(done.stdout.strip())
+        assert folder.is_relative_to(tmp_path / "modelscope")
+        assert hub.downloaded("damo/text-to-video-synthesis") == {"configuration.json", *weights}
+        for name in ["configuration.json", *weights]:
+            assert (folder / name).read_bytes() == (repo / name).read_bytes(), name
+
+        # A download cut short: `models` names what is missing, and the next run fetches only that.
+        (folder / "VQGAN_autoencoder.pth").unlink()
+        listed = run_cli(["models", "--json"], tmp_path, hub)
+        row = next(row for row in json.loads(listed.stdout) if row["alias"] == "ms-1.7b-modelscope")
+        assert (row["local_path"], row["missing"]) == (None, ["VQGAN_autoencoder.pth"])
+        before = len(hub.downloads)
+        resumed = run_cli(["download", "ms-1.7b-modelscope"], tmp_path, hub)
+        assert resumed.returncode == 0, resumed.stderr
+        assert hub.downloads[before:] == ["damo/text-to-video-synthesis/VQGAN_autoencoder.pth"]
+        assert (folder / "VQGAN_autoencoder.pth").read_bytes() == (repo / "VQGAN_autoencoder.pth").read_bytes()
+
+        unknown = run_cli(["download", "modelscope:acme/nothing-here"], tmp_path, hub)
+        assert unknown.returncode == 2 and "acme/nothing-here is not a model on the ModelScope hub" in unknown.stderr
 
 
 def test_an_interrupted_download_is_named_offline_and_resumed_online(repos, hub_here, tmp_path):

@@ -352,18 +352,15 @@ def run_info(args) -> int:
 
 
 def run_models(args) -> int:
-    from .loading import cached_snapshot, locate
+    from .loading import cached_modelscope_snapshot, cached_snapshot, locate
     from .registry import KNOWN_MODELS
     rows = []
     for model in KNOWN_MODELS.values():
         kind, target = model.source.split(":", 1)
-        if kind == "hf":  # the Hugging Face cache also tells what a partly downloaded model lacks
-            path, missing = cached_snapshot(target)
-        else:
-            try:
-                path, missing = locate(model.alias, local_only=True).path, None
-            except VidsynthError:
-                path, missing = None, None
+        if kind == "package":
+            path, missing = locate(model.alias).path, None
+        else:  # a hub's cache also tells what a partly downloaded model lacks
+            path, missing = (cached_snapshot if kind == "hf" else cached_modelscope_snapshot)(target)
         rows.append({"alias": model.alias, "source": model.source,
                      "local_path": str(path) if path and not missing else None, "missing": missing or [],
                      "defaults": model.defaults.as_dict(), "description": model.description})

@@ -56,8 +56,8 @@ class ModelLocation:
     known: Optional[KnownModel] = None
 
 
-def locate(reference: Optional[str], *, half_precision: bool = False, local_only: bool = False) -> ModelLocation:
-    """Turn a --model reference into a local folder, downloading into the hub cache unless `local_only`."""
+def locate(reference: Optional[str], *, half_precision: bool = False) -> ModelLocation:
+    """Turn a --model reference into a local folder, downloading into the hub cache what it lacks."""
     reference = reference or SHIPPED_MODEL
     known = KNOWN_MODELS.get(reference) or HUB_IDS.get(reference.removeprefix("modelscope:"))
     if known:
@@ -67,19 +67,19 @@ def locate(reference: Optional[str], *, half_precision: bool = False, local_only
             if not path.is_dir():
                 raise ModelError(f"the shipped model is missing from this installation ({path}); reinstall vidsynth")
         elif kind == "hf":
-            path = hf_snapshot(target, half_precision, local_only)
+            path = hf_snapshot(target, half_precision)
         else:
-            path = modelscope_snapshot(target, local_only)
+            path = modelscope_snapshot(target)
         return ModelLocation(path, known.alias, known)
     if reference.startswith("modelscope:"):
-        return ModelLocation(modelscope_snapshot(reference.split(":", 1)[1], local_only), reference)
+        return ModelLocation(modelscope_snapshot(reference.split(":", 1)[1]), reference)
     path = Path(reference).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelError(f"{reference} is a file; --model takes a model folder (diffusers or ModelScope layout)")
         return ModelLocation(path, str(path.resolve()))  # the full path, so `generate --from` finds it again
     if _looks_like_repo_id(reference):
-        return ModelLocation(hf_snapshot(reference, half_precision, local_only), reference)
+        return ModelLocation(hf_snapshot(reference, half_precision), reference)
     raise ModelError(f"model {reference!r} not found: no such folder, and not a known alias "
                      f"({', '.join(KNOWN_MODELS)}) or a hub id like owner/name")
 
@@ -89,9 +89,9 @@ def _looks_like_repo_id(reference: str) -> bool:
     return len(parts) == 2 and all(parts) and not reference.startswith((".", "~")) and os.sep not in reference.replace("/", "")
 
 
-def hf_snapshot(repo_id: str, half_precision: bool, local_only: bool = False) -> Path:
+def hf_snapshot(repo_id: str, half_precision: bool) -> Path:
     """The model's folder in the Hugging Face cache: as cached when it holds every part a load needs (in whichever
-    precision it was fetched), else fetched, unless `local_only` or the hub is offline (HF_HUB_OFFLINE), with only
+    precision it was fetched), else fetched, unless the hub is offline (HF_HUB_OFFLINE), with only
     the files a load reads: in diffusers layout the configurations, tokenizer and one set of weights per model
     (float16 files for half precision where the repo has them; the repo's other formats, variants and folders stay
     on the hub), in ModelScope layout the configuration and the weight files it names."""
@@ -101,7 +101,7 @@ def hf_snapshot(repo_id: str, half_precision: bool, local_only: bool = False) ->
     cached, missing = cached_snapshot(repo_id)
     if cached is not None and not missing:
         return cached
-    if local_only or constants.HF_HUB_OFFLINE:
+    if constants.HF_HUB_OFFLINE:
         held = "not in" if missing is None else f"only partly (missing: {', '.join(missing)}) in"
         raise ModelUnavailableError(f"{repo_id} is {held} the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
                                     f"fetching is off (HF_HUB_OFFLINE). {_elsewhere(repo_id)}")
@@ -236,19 +236,51 @@ def preferred_weights(names: Iterable[str], half_precision: bool) -> Optional[tu
     return None
 
 
-def modelscope_snapshot(model_id: str, local_only: bool = False) -> Path:
+def modelscope_snapshot(model_id: str) -> Path:
+    """The model's folder in the ModelScope cache, as `hf_snapshot` for the ModelScope hub: as cached when complete,
+    else fetched: its configuration, then the three weight files it names."""
+    snapshot_download = _modelscope_client(model_id)
+    cached, missing = cached_modelscope_snapshot(model_id)
+    if cached is not None and not missing:
+        return cached
+    try:
+        folder = Path(snapshot_download(model_id, allow_patterns=[MODELSCOPE_CONFIG]))
+        if not (folder / MODELSCOPE_CONFIG).is_file():
+            raise ModelError(f"{model_id} on the ModelScope hub has no {MODELSCOPE_CONFIG}: not a ModelScope-layout "
+                             f"model")
+        wanted = [MODELSCOPE_CONFIG, *modelscope_weight_files(folder)]
+        return Path(snapshot_download(model_id, allow_patterns=wanted))
+    except VidsynthError:
+        raise
+    except Exception as exc:  # the client raises its own errors and its HTTP library's, which are not all OSErrors
+        if getattr(getattr(exc, "response", None), "status_code", None) == 404:
+            raise ModelError(f"{model_id} is not a model on the ModelScope hub") from None
+        raise ModelUnavailableError(f"{model_id} could not be fetched from the ModelScope hub ({type(exc).__name__}: "
+                                    f"{_first_line(exc)}); run the command again to resume. Or put its files "
+                                    f"({MODELSCOPE_CONFIG}, text2video_pytorch_model.pth, VQGAN_autoencoder.pth, "
+                                    f"open_clip_pytorch_model.bin) in one folder and pass it as --model.") from None
+
+
+def cached_modelscope_snapshot(model_id: str) -> tuple[Optional[Path], Optional[list[str]]]:
+    """The ModelScope cache's copy of a model and the parts it lacks ([] when complete); (None, None) when none is
+    cached or the ModelScope client is not installed. Asks no hub."""
+    try:
+        snapshot_download = _modelscope_client(model_id)
+        cached = Path(snapshot_download(model_id, local_files_only=True))
+    except Exception:  # ModelError without the client; the client's own error for a model it has not cached
+        return None, None
+    if not (cached / MODELSCOPE_CONFIG).is_file():
+        return cached, [MODELSCOPE_CONFIG]
+    return cached, missing_parts(cached)
+
+
+def _modelscope_client(model_id: str):
     try:
         from modelscope.hub.snapshot_download import snapshot_download
     except ImportError:
         raise ModelError(f"fetching {model_id} from the ModelScope hub needs the optional extra: "
                          f"pip install 'vidsynth[modelscope]'; or download it and pass the folder as --model") from None
-    try:
-        return Path(snapshot_download(model_id, local_files_only=local_only))
-    except Exception as exc:  # the modelscope client raises many unrelated types for a failed download
-        raise ModelUnavailableError(
-            f"{model_id} could not be fetched from the ModelScope hub ({type(exc).__name__}: {exc}). Put its files "
-            f"(configuration.json, text2video_pytorch_model.pth, VQGAN_autoencoder.pth, open_clip_pytorch_model.bin) "
-            f"in one folder and pass it as --model.") from None
+    return snapshot_download
 
 
 def load_components(reference: Optional[str] = None, *, dtype: Optional[torch.dtype] = None) -> Components:

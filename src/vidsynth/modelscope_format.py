@@ -19,13 +19,16 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import AutoencoderKL, UNet3DConditionModel
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, convert_open_clip_checkpoint
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .errors import ModelError
 from .loading import MODELSCOPE_CONFIG as CONFIG_FILE
+
+if TYPE_CHECKING:  # the model libraries are imported where models are built: reading a configuration needs none
+    from diffusers import AutoencoderKL, UNet3DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 # configuration.json's model_cfg of damo/text-to-video-synthesis
 MS_1_7B = {
@@ -106,6 +109,8 @@ def load_state(module: torch.nn.Module, state: dict, what: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------- UNet
 
 def unet_from_config(model_cfg: dict) -> UNet3DConditionModel:
+    from diffusers import UNet3DConditionModel
+
     dim, mult = int(model_cfg["unet_dim"]), [int(m) for m in model_cfg["unet_dim_mult"]]
     attn_scales = [float(s) for s in model_cfg.get("unet_attn_scales", [1, 0.5, 0.25])]
     if int(model_cfg.get("unet_num_heads", 8)) != 8:
@@ -206,6 +211,9 @@ def _is_temporal_projection(key: str) -> bool:
 
 def vae_from_state(state: dict) -> AutoencoderKL:
     """The AutoencoderKL the LDM-style state dict describes, holding its weights."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
     vae_state = {k[len(VAE_PREFIX):]: v for k, v in state.items() if k.startswith(VAE_PREFIX)}
     if not vae_state:
         raise ModelError(f"autoencoder checkpoint has no '{VAE_PREFIX}*' weights")
@@ -233,6 +241,9 @@ def vae_from_state(state: dict) -> AutoencoderKL:
 
 def text_encoder_from_state(state: dict) -> CLIPTextModel:
     """OpenCLIP text tower -> CLIPTextModel giving the penultimate block's output after ln_final, as ModelScope uses."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     try:
         vocab, width = state["token_embedding.weight"].shape
         context = state["positional_embedding"].shape[0]
@@ -276,6 +287,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 @lru_cache(maxsize=1)
 def openclip_tokenizer() -> CLIPTokenizer:
     """The OpenCLIP/OpenAI CLIP BPE tokenizer, padded with id 0 as open_clip.tokenize pads."""
+    from transformers import CLIPTokenizer
+
     # The vocabulary file is the one open_clip ships; building vocab and merges from it follows CLIP's own recipe.
     with resources.files("vidsynth.assets").joinpath("bpe_simple_vocab_16e6.txt.gz").open("rb") as raw:
         lines = gzip.decompress(raw.read()).decode("utf-8").split("\n")
