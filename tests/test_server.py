@@ -76,6 +76,8 @@ def test_submit_stream_poll_and_fetch(client):
 
     done = client.get(f"/v1/videos/{job['id']}").json()
     assert done["status"] == "completed" and done["progress"] == 100 and done["completed_at"] >= done["started_at"]
+    times = [e["time"] for e in events]  # when each happened, by the server's clock (the page's time-left estimate)
+    assert times == sorted(times) and done["created_at"] <= times[0] and times[-1] <= done["completed_at"] + 1
 
     video = client.get(f"/v1/videos/{job['id']}/content")
     assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"

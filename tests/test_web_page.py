@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import httpx
@@ -67,6 +68,9 @@ def test_make_watch_download_cancel_and_history(browser, site, artifacts, tmp_pa
     page.click("#submit")
     page.wait_for_function("document.querySelector('#progress').value > 5 && document.querySelector('#progress').value < 100")
     assert "denoising step" in page.text_content("#phase")
+    estimate = page.wait_for_function("() => { const text = document.querySelector('#phase').textContent; "
+                                      "return text.includes('left') && text; }").json_value()
+    assert re.fullmatch(r"denoising step \d+/20, about \d+ s left", estimate), estimate
     page.wait_for_function("!document.querySelector('#player').hidden", timeout=120_000)
     page.wait_for_function("document.querySelector('#player').readyState >= 2 && document.querySelector('#player').duration > 0",
                            timeout=30_000)

@@ -12,6 +12,7 @@ import contextlib
 import ipaddress
 import json
 import secrets
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -262,21 +263,22 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
                     return
             job = store.get(job_id)
             if job is None:
-                yield _sse({"event": "deleted", "id": job_id})
+                yield _sse({"event": "deleted", "id": job_id, "time": time.time()})
                 return
             if job["status"] in FINISHED:
                 if events.since(job_id, index):
                     continue  # the worker's own final event arrived meanwhile
-                yield _sse({"event": job["status"], "id": job_id, "error": job["error"]})
+                yield _sse({"event": job["status"], "id": job_id, "time": job["completed_at"], "error": job["error"]})
                 return
             if job["status"] == QUEUED and job["queue_position"] != last_position:
                 last_position = job["queue_position"]
                 last_sent = loop.time()
-                yield _sse({"event": "queued", "id": job_id, "queue_position": last_position})
+                yield _sse({"event": "queued", "id": job_id, "time": time.time(), "queue_position": last_position})
             elif job["status"] != QUEUED and not announced_running:
                 # Joined while another process's run was underway (or before its first event): say where it is.
                 announced_running = True
-                yield _sse({"event": "started", "id": job_id, "progress": job["progress"], "phase": job["phase"]})
+                yield _sse({"event": "started", "id": job_id, "time": job["started_at"], "progress": job["progress"],
+                            "phase": job["phase"]})
             if loop.time() - last_sent > KEEPALIVE_SECONDS:
                 last_sent = loop.time()
                 yield ": keep-alive\n\n"

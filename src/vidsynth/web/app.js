@@ -133,16 +133,31 @@ function show(job) {
   if (["queued", "in_progress"].includes(job.status)) follow(job.id);
 }
 
+// "about 40 s left": the time since the job started, scaled by the share of it still to do (events carry the
+// server's clock, so a page opened mid-job estimates as well as one that watched from the start).
+function timeLeft(started, data) {
+  if (started === null || data.progress <= 0 || data.step < 2) return "";
+  const seconds = Math.round((data.time - started) * (100 - data.progress) / data.progress);
+  if (seconds < 60) return `, about ${seconds} s left`;
+  const minutes = Math.round(seconds / 60);
+  return minutes < 60 ? `, about ${minutes} min left` : `, about ${Math.floor(minutes / 60)} h ${minutes % 60} min left`;
+}
+
 function follow(id) {
   stream = new EventSource(`/v1/videos/${id}/events`);
   const on = (name, handler) => stream.addEventListener(name, (message) => current?.id === id && handler(JSON.parse(message.data)));
+  let started = null;
   on("queued", (data) => { $("job-status").textContent = `queued (${data.queue_position} ahead)`; });
-  on("started", () => { $("job-status").textContent = "in progress"; $("phase").textContent = "encoding the prompt"; });
+  on("started", (data) => {
+    started = data.time ?? null;
+    $("job-status").textContent = "in progress";
+    $("phase").textContent = "encoding the prompt";
+  });
   on("step", (data) => {
     $("job-status").textContent = "in progress";
     $("progress").value = data.progress;
     const which = data.videos > 1 ? ` (video ${data.video + 1}/${data.videos})` : "";
-    $("phase").textContent = `denoising step ${data.step}/${data.total}${which}`;
+    $("phase").textContent = `denoising step ${data.step}/${data.total}${which}${timeLeft(started, data)}`;
   });
   const phase = (text) => (data) => {
     $("progress").value = data.progress;
