@@ -18,7 +18,6 @@ import zipfile
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import torch
