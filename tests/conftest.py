@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,10 @@ from vidsynth.schedulers import MODELSCOPE_SCHEDULE
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The ModelScope client writes a session file under its home: the tests give it, and its cache, folders of their own.
+_MODELSCOPE = tempfile.mkdtemp(prefix="vidsynth-tests-modelscope-")
+atexit.register(shutil.rmtree, _MODELSCOPE, ignore_errors=True)
+os.environ["MODELSCOPE_HOME"], os.environ["MODELSCOPE_CACHE"] = f"{_MODELSCOPE}/home", f"{_MODELSCOPE}/cache"
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
