@@ -212,6 +212,8 @@ def test_the_modelscope_hub_gives_the_configuration_and_the_weights_it_names(mod
 
         unknown = run_cli(["download", "modelscope:acme/nothing-here"], tmp_path, hub)
         assert unknown.returncode == 2 and "acme/nothing-here is not a model on the ModelScope hub" in unknown.stderr
+    cached = run_cli(["download", "ms-1.7b-modelscope"], tmp_path, hub)  # the hub is gone: the cache answers
+    assert cached.returncode == 0 and Path(cached.stdout.strip()) == folder, cached.stderr
 
 
 def test_an_interrupted_download_is_named_offline_and_resumed_online(repos, hub_here, tmp_path):
