@@ -19,10 +19,12 @@ from vidsynth.schedulers import MODELSCOPE_SCHEDULE
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The ModelScope client writes a session file under its home: the tests give it, and its cache, folders of their own.
-_MODELSCOPE = tempfile.mkdtemp(prefix="vidsynth-tests-modelscope-")
-atexit.register(shutil.rmtree, _MODELSCOPE, ignore_errors=True)
-os.environ["MODELSCOPE_HOME"], os.environ["MODELSCOPE_CACHE"] = f"{_MODELSCOPE}/home", f"{_MODELSCOPE}/cache"
+# What the libraries write under the user's home stays out of it: the ModelScope client's session file and cache,
+# and torch.compile's kernels.
+_WRITTEN = tempfile.mkdtemp(prefix="vidsynth-tests-")
+atexit.register(shutil.rmtree, _WRITTEN, ignore_errors=True)
+os.environ["MODELSCOPE_HOME"], os.environ["MODELSCOPE_CACHE"] = f"{_WRITTEN}/modelscope-home", f"{_WRITTEN}/modelscope"
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{_WRITTEN}/torch-compile"
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import re
 import signal
 import stat
@@ -189,6 +190,34 @@ def test_forward_chunking_flags_reach_the_pipeline(flags, chunking, tiny_model_d
         *a, **options))
     assert main(["generate", "x", "--model", str(tiny_model_dir), "-o", str(tmp_path / "x.npy"), *SMALL, *flags]) == 0
     assert [options["forward_chunking"] for options in made] == [chunking]
+
+
+# A fresh process running the CLI, whose torch.compile reports the folder inductor would write its kernels to and
+# stops there.
+COMPILE_REPORTING_CLI = """
+import os, sys, torch
+def reporting_compile(model, **options):
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    print("inductor cache:", cache_dir(), flush=True)
+    os._exit(0)
+torch.compile = reporting_compile
+from vidsynth.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("chosen", [False, True])
+def test_compile_keeps_its_kernels_in_the_users_cache_folder_unless_told(chosen, tiny_model_dir, tmp_path):
+    environment = {name: value for name, value in os.environ.items() if name != "TORCHINDUCTOR_CACHE_DIR"}
+    environment["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    if chosen:
+        environment["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "chosen")
+    done = subprocess.run([sys.executable, "-c", COMPILE_REPORTING_CLI, "generate", "x", "--model",
+                           str(tiny_model_dir), "-o", str(tmp_path / "x.npy"), *SMALL, "--compile"],
+                          env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    expected = tmp_path / "chosen" if chosen else tmp_path / "cache" / "vidsynth" / "torch-compile"
+    assert done.stdout == f"inductor cache: {expected}\n"
 
 
 

@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "compile", False):
+        # Before torch._dynamo is imported (diffusers imports it), which sets inductor's default, under /tmp.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_folder()))
     _quiet_libraries(models=args.command not in MODEL_FREE_COMMANDS)
     try:
         return args.run(args) or 0
@@ -71,6 +74,13 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         return _fail("interrupted; nothing was written", 130)
+
+
+def compile_cache_folder() -> Path:
+    """Where `--compile` keeps torch's compiled kernels for later processes unless TORCHINDUCTOR_CACHE_DIR says: in
+    the user's cache folder, since inductor's own default is under /tmp, which a reboot or a container's end empties.
+    Set by the command, not the library: a program importing vidsynth keeps torch's own setting."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vidsynth" / "torch-compile"
 
 
 def _fail(message: str, code: int) -> int:
