@@ -7,6 +7,9 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -142,6 +145,39 @@ def shipped_pipeline():
     return vidsynth.load()
 
 
+@dataclass
+class HeldCompile:
+    pipeline: object  # the shipped model with compile=True
+    release: threading.Event  # compiling waits for this
+    compiled_at: list  # time.time() of each compilation
+
+
+@pytest.fixture
+def held_compile(monkeypatch):
+    """The shipped model loaded with compile=True, with torch.compile standing in for by a wrapper that "compiles" on
+    the first call of each input shape, as `dynamic=False` does, by waiting until `release` is set; then runs the model
+    as it is. This checks when the pipeline compiles, in a second rather than dynamo's tracing time."""
+    import vidsynth
+    held = HeldCompile(None, threading.Event(), [])
+
+    def held_compile_of(model, **options):
+        shapes_seen = set()
+
+        def compiled(*args, **kwargs):
+            shapes = tuple(tuple(value.shape) for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor))
+            if shapes not in shapes_seen:
+                held.release.wait(timeout=60)
+                held.compiled_at.append(time.time())
+                shapes_seen.add(shapes)
+            return model(*args, **kwargs)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", held_compile_of)
+    held.pipeline = vidsynth.load(device="cpu", dtype="float32", compile=True)
+    yield held
+    held.release.set()
+
+
 class LiveServer:
     """A vidsynth app served by uvicorn on a free loopback port, in a thread of the test process."""
 
@@ -155,8 +191,6 @@ class LiveServer:
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
 
     def __enter__(self) -> "LiveServer":
-        import threading
-        import time
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 60

@@ -231,6 +231,15 @@ def test_compiled_unet_gives_the_plain_frames_and_compiles_once_per_shape(tiny_m
     assert same_as_plain("a red circle", cache_interval=2)  # deep-feature reuse runs uncompiled, same result
 
 
+def test_warm_up_compiles_for_what_the_models_own_video_runs(held_compile):
+    held_compile.release.set()
+    held_compile.pipeline.warm_up()
+    compiled = len(held_compile.compiled_at)
+    assert compiled >= 1
+    held_compile.pipeline("a red circle moving left on a black background", steps=2, progress=False)
+    assert len(held_compile.compiled_at) == compiled
+
+
 def test_compiling_for_cuda_asks_torch_compile_for_cuda_graphs(monkeypatch):
     requests = []
     monkeypatch.setattr(torch, "compile", lambda model, **options: requests.append(options) or model)

@@ -265,9 +265,23 @@ def test_list_is_newest_first_and_pages(client):
 
 def test_health_and_docs(client):
     health = client.get("/healthz").json()
-    assert health["status"] == "ok" and health["model"] == "vidsynth-tiny"
+    assert health["status"] == "ok" and health["model"] == "vidsynth-tiny" and health["ready"] is True
     assert client.get("/docs").status_code == 200
     assert "/v1/videos" in client.get("/openapi.json").json()["paths"]
+
+
+def test_a_compiled_server_compiles_before_its_first_job_which_waits_for_it(held_compile, tmp_path):
+    with (LiveServer(create_app(ServerSettings(data_dir=tmp_path), pipeline=held_compile.pipeline)) as live,
+          httpx.Client(base_url=live.url, timeout=60) as client):
+        assert client.get("/healthz").json()["ready"] is False
+        job = submit(client, steps=2)  # the model's own video size, with guidance: what the server compiled for
+        time.sleep(0.5)
+        assert client.get(f"/v1/videos/{job['id']}").json()["status"] == "queued"
+        held_compile.release.set()
+        job = wait_for(client, job["id"])
+        assert job["status"] == "completed"
+        assert client.get("/healthz").json()["ready"] is True
+    assert held_compile.compiled_at and max(held_compile.compiled_at) < job["started_at"]
 
 
 def test_full_queue_gets_429(shipped_pipeline, tmp_path):

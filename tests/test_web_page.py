@@ -146,3 +146,15 @@ def test_make_watch_download_cancel_and_history(browser, site, artifacts, tmp_pa
     page.screenshot(path=str(artifacts / "web-page-history.png"), full_page=True)
     assert errors == []
     page.close()
+
+
+def test_the_page_says_while_a_compiled_server_compiles_for_its_first_video(browser, held_compile, tmp_path):
+    with LiveServer(create_app(ServerSettings(data_dir=tmp_path), pipeline=held_compile.pipeline)) as live:
+        page = browser.new_page()
+        page.goto(live.url)
+        page.wait_for_selector("#warming-up", state="visible")
+        assert "compiling its model" in page.text_content("#warming-up")
+        held_compile.release.set()
+        page.wait_for_selector("#warming-up", state="hidden", timeout=30_000)
+        page.close()
+    assert held_compile.compiled_at

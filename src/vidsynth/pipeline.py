@@ -243,6 +243,20 @@ class Pipeline:
         emit(callback, Event("done", 1, 1, count - 1, count))
         return videos
 
+    def warm_up(self, callback: Callback = None) -> None:
+        """Compile (with `compile=True`) or capture the UNet for the model's own video now rather than in the first
+        request's time: a few guided denoising steps of it, nothing decoded. `callback` may raise to stop it."""
+        steps = 3 if self.device.type == "cuda" else 1  # a CUDA graph tree records a function on its second call
+        request = self.prepare(GenerationRequest.create(prompt="", allow_empty_prompt=True, seed=0, steps=steps))
+        scale = self.components.vae_scale_factor
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        noise = initial_noise(generator, request.frames, request.height // scale, request.width // scale)
+        with torch.inference_mode():
+            with self._using(self.components.text_encoder):
+                text = self.encode_text([""])
+            self.denoise(noise, text, text, request, generator, lambda k, n: emit(callback, Event("denoise", k, n)),
+                         self.low_memory_mode(noise.shape, batch=1 if request.guidance == 1.0 else 2))
+
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
         """The request with this model's defaults and a seed filled in, checked against what the model can make."""
         return self._prepare(request)[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import ipaddress
 import json
 import secrets
@@ -143,7 +144,7 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
     def healthz():
         return {"status": "ok", "version": __version__, "model": pipeline.name, "device": str(pipeline.device),
                 "dtype": dtype_name(pipeline.dtype), "queued": state["store"].queued_count(),
-                "running": state["worker"].current}
+                "running": state["worker"].current, "ready": not state["worker"].warming_up}
 
     @app.post("/v1/videos", status_code=202, tags=["videos"])
     def create_video(body: GenerationRequest, idempotency_key: Optional[str] = Header(None, max_length=255)):
@@ -323,4 +324,9 @@ def _same(given: str, token: str) -> bool:
 
 def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     import uvicorn
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+    from uvicorn.config import LOGGING_CONFIG
+
+    # The worker's messages (compiling, failed jobs) printed as uvicorn prints its own.
+    log_config = copy.deepcopy(LOGGING_CONFIG)
+    log_config["loggers"]["vidsynth"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, log_config=log_config)

@@ -68,6 +68,7 @@ class Worker:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="vidsynth-worker", daemon=True)
         self.current: Optional[str] = None
+        self.warming_up = pipeline.compiled  # compiling for the model's own video before the first job
 
     def start(self) -> None:
         self._thread.start()
@@ -82,6 +83,8 @@ class Worker:
         self._wake.set()
 
     def _loop(self) -> None:
+        if self.warming_up:
+            self._warm_up()
         while not self._stopping.is_set():
             job = self.store.claim_next()
             if job is None:
@@ -96,6 +99,25 @@ class Worker:
             finally:
                 self.current = None
             self.store.prune(self.keep_jobs)
+
+    def _warm_up(self) -> None:
+        """A compiled UNet compiles on its first video of a shape, minutes for a full-size model: do it for the
+        model's own video before taking jobs, so a user's first job does not wait on it (queued jobs wait instead)."""
+        def stop_check(event: Event) -> None:
+            if self._stopping.is_set():
+                raise ServerStopping()
+
+        log.info("compiling the UNet for the model's own video; jobs start when it is done")
+        started = time.monotonic()
+        try:
+            self.pipeline.warm_up(stop_check)
+            log.info("compiled in %.0f s", time.monotonic() - started)
+        except ServerStopping:
+            pass
+        except Exception:  # jobs then compile on their own, or fail with the reason
+            log.exception("compiling ahead of the first job failed")
+        finally:
+            self.warming_up = False
 
     def _run(self, job: dict) -> None:
         job_id = job["id"]

@@ -235,6 +235,13 @@ async function refreshHistory() {
   }
 }
 
+// A server started with --compile compiles before its first job: say so until it is ready.
+async function watchWarmUp() {
+  const health = await api("/healthz").catch(() => ({ ready: true }));
+  $("warming-up").hidden = health.ready !== false;
+  if (health.ready === false) setTimeout(watchWarmUp, 3000);
+}
+
 async function start() {
   $("form").addEventListener("submit", submit);
   $("cancel").addEventListener("click", cancel);
@@ -258,6 +265,7 @@ async function start() {
     $("form-error").textContent = error.message;
   }
   refreshHistory();
+  watchWarmUp();
 }
 
 start();
