@@ -192,6 +192,14 @@ def test_forward_chunking_flags_reach_the_pipeline(flags, chunking, tiny_model_d
     assert [options["forward_chunking"] for options in made] == [chunking]
 
 
+def test_compile_says_the_first_step_compiles(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import torch
+    monkeypatch.setattr(torch, "compile", lambda model, **options: model)
+    assert main(["generate", "x", "--model", str(tiny_model_dir), "-o", str(tmp_path / "x.npy"), *SMALL,
+                 "--compile"]) == 0
+    assert "the first step compiles the UNet" in capsys.readouterr().err
+
+
 # A fresh process running the CLI, whose torch.compile reports the folder inductor would write its kernels to and
 # stops there.
 COMPILE_REPORTING_CLI = """

@@ -296,6 +296,9 @@ def run_generate(args) -> int:
             check_output_path(path)
     _status(f"loading {model or 'the shipped model'}...", args)
     pipeline = load(model, **_runtime(args))
+    if args.compile:
+        _status("the first step compiles the UNet for this video's size: minutes the first time, less in later runs",
+                args)
     with ProgressBar(disable=args.json) as bar:
         videos = pipeline.generate(request, bar)
     results = []
