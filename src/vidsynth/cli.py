@@ -228,7 +228,8 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
                         help="low-memory mode: feed-forward layers one frame at a time, and on the CPU freed memory "
                         "handed back between steps (slower). Default: on the CPU when a video would not fit otherwise")
     parser.add_argument("--compile", action="store_true", help="compile the UNet with torch.compile (CUDA: with CUDA "
-                        "graphs); the first video of each shape pays the compile time")
+                        "graphs); the first video of each shape pays the compile time (serve: the model's own "
+                        "video size is compiled at start)")
 
 
 RUNTIME_OPTIONS = ("device", "dtype", "offload", "forward_chunking", "compile")
