@@ -148,12 +148,14 @@ def test_make_watch_download_cancel_and_history(browser, site, artifacts, tmp_pa
     page.close()
 
 
-def test_the_page_says_while_a_compiled_server_compiles_for_its_first_video(browser, held_compile, tmp_path):
+def test_the_page_says_while_a_compiled_server_compiles_for_its_first_video(browser, held_compile, artifacts,
+                                                                              tmp_path):
     with LiveServer(create_app(ServerSettings(data_dir=tmp_path), pipeline=held_compile.pipeline)) as live:
-        page = browser.new_page()
+        page = browser.new_page(viewport={"width": 390, "height": 844})
         page.goto(live.url)
         page.wait_for_selector("#warming-up", state="visible")
         assert "compiling its model" in page.text_content("#warming-up")
+        page.screenshot(path=str(artifacts / "web-page-compiling.png"))
         held_compile.release.set()
         page.wait_for_selector("#warming-up", state="hidden", timeout=30_000)
         page.close()
