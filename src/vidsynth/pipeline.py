@@ -232,7 +232,7 @@ class Pipeline:
                 generator = torch.Generator("cpu").manual_seed(seed)
                 noise = initial_noise(generator, request.frames, request.height // scale, request.width // scale,
                                       frames_first=source is not None)
-                low_memory = self.low_memory_mode(noise.shape, batch=1 if request.guidance == 1.0 else 2)
+                low_memory = self.low_memory_mode(noise.shape, request)
                 latents = self.denoise(noise, positive[prompt_index:prompt_index + 1], negative, request, generator,
                                        lambda k, n: emit(callback, Event("denoise", k, n, index, count)), low_memory,
                                        start)
@@ -255,7 +255,7 @@ class Pipeline:
             with self._using(self.components.text_encoder):
                 text = self.encode_text([""])
             self.denoise(noise, text, text, request, generator, lambda k, n: emit(callback, Event("denoise", k, n)),
-                         self.low_memory_mode(noise.shape, batch=1 if request.guidance == 1.0 else 2))
+                         self.low_memory_mode(noise.shape, request))
 
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
         """The request with this model's defaults and a seed filled in, checked against what the model can make."""
@@ -407,7 +407,7 @@ class Pipeline:
         """How many frames of `height` x `width` pixels the VAE encodes or decodes at a time."""
         return self.decode_chunk or frames_per_decode(self.device, height, width)
 
-    def low_memory_mode(self, latent_shape: tuple[int, ...], batch: int) -> bool:
+    def low_memory_mode(self, latent_shape: tuple[int, ...], request: GenerationRequest) -> bool:
         """Whether to make a video in the low-memory mode: feed-forward layers one frame at a time and, on the CPU,
         freed memory handed back rather than reused, in denoising and decoding (the reused heap fragments by
         gigabytes on long videos: 1.3-1.6x faster, up to 6 GiB more at 64 frames 256x256, BENCHMARKS.md). Chosen by
@@ -416,6 +416,7 @@ class Pipeline:
         if self.forward_chunking is not None or self.device.type != "cpu":
             return bool(self.forward_chunking)
         _, _, frames, latent_height, latent_width = latent_shape
+        batch = 1 if request.guidance == 1.0 else 2  # guided steps denoise the prompt's and the negative's batch
         need = denoising_memory_bytes(self.components.unet.config, frames, latent_height, latent_width, batch,
                                       self.dtype)
         available = available_memory_bytes()
