@@ -115,6 +115,18 @@ def test_long_prompt_is_truncated_with_a_warning(tiny_pipeline):
     assert video.frames.shape == (3, 32, 32, 3)
 
 
+def test_a_callback_takes_the_warnings_as_events_in_place_of_python_warnings(tiny_pipeline):
+    events = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_pipeline(["a red circle " * 30, "a blue square"], negative_prompt="blurry " * 80, callback=events.append,
+                      seed=0, **SMALL)
+    messages = [event.message for event in events if event.message]
+    assert len(messages) == 2 and all("reads only the first 77" in message for message in messages)
+    assert messages[0].startswith("prompt 'a red circle a red circle") and messages[1].startswith("negative prompt")
+    assert events.index(next(event for event in events if event.phase == "denoise")) > 2  # warned before any step
+
+
 @pytest.mark.filterwarnings("ignore:bfloat16 is emulated")  # on CPUs without native bf16: slow, still correct
 def test_bfloat16_runs_close_to_float32(tiny_model_dir, tiny_pipeline):
     half = vidsynth.load(str(tiny_model_dir), device="cpu", dtype="bf16")

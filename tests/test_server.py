@@ -72,10 +72,11 @@ def test_submit_stream_poll_and_fetch(client):
     assert names[-1] == "completed"
     steps = [e["step"] for e in events if e["event"] == "step"]
     assert steps == list(range(steps[0], 5)) and steps[-1] == 4
-    assert names.index("decoding") > names.index("step") and "encoding" in names
+    assert names.index("decoding") > names.index("step") and "encoding" in names and "warning" not in names
 
     done = client.get(f"/v1/videos/{job['id']}").json()
     assert done["status"] == "completed" and done["progress"] == 100 and done["completed_at"] >= done["started_at"]
+    assert done["warnings"] == []
     times = [e["time"] for e in events]  # when each happened, by the server's clock (the page's time-left estimate)
     assert times == sorted(times) and done["created_at"] <= times[0] and times[-1] <= done["completed_at"] + 1
 
@@ -112,6 +113,19 @@ def test_a_reconnecting_event_stream_resumes_after_the_last_event_id(client):
     with client.stream("GET", f"/v1/videos/{job['id']}/events", headers={"Last-Event-ID": str(ids[-3])}) as response:
         resumed = list(read_events(response))
     assert resumed == everything[-2:] and resumed[-1]["event"] == "completed"
+
+
+def test_a_jobs_warnings_are_streamed_and_kept_with_it(client):
+    job = submit(client, prompt="a blue car moving up on a white background", negative_prompt="blurry " * 80, **FAST)
+    with client.stream("GET", f"/v1/videos/{job['id']}/events") as response:
+        events = list(read_events(response))
+    names = [event["event"] for event in events]
+    warnings = [event["message"] for event in events if event["event"] == "warning"]
+    assert names[-1] == "completed" and names.index("warning") < names.index("step")
+    assert len(warnings) == 2
+    assert warnings[0].startswith("negative prompt 'blurry blurry") and "reads only the first 77" in warnings[0]
+    assert warnings[1].startswith("vidsynth-tiny never saw 'car', 'blurry' in its training captions")
+    assert client.get(f"/v1/videos/{job['id']}").json()["warnings"] == warnings
 
 
 def _decode_mp4(data: bytes) -> np.ndarray:

@@ -4,8 +4,10 @@ leaves nothing half-written."""
 from __future__ import annotations
 
 import errno
+import json
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ import numpy as np
 import pytest
 
 from test_server import PROMPT, _decode_mp4
-from vidsynth.jobs import FAILED, MAX_ATTEMPTS, QUEUED, JobStore
+from vidsynth.jobs import FAILED, MAX_ATTEMPTS, QUEUED, SCHEMA, JobStore
 
 
 def start_server(data_dir, port: int) -> subprocess.Popen:
@@ -99,6 +101,25 @@ def test_a_job_that_keeps_killing_the_server_fails_with_the_reason(tmp_path):
     failed = store.get(job["id"])
     assert failed["error"]["code"] == "interrupted" and "submit it again" in failed["error"]["message"]
     assert store.claim_next() is None
+
+
+def test_a_data_folder_from_before_jobs_kept_warnings_opens_with_its_jobs(tmp_path):
+    earlier_schema = SCHEMA.replace(",\n    warnings TEXT", "")
+    assert earlier_schema != SCHEMA
+    database = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    database.executescript(earlier_schema)
+    database.execute("INSERT INTO jobs (id, status, request, outputs, created_at) VALUES (?, ?, ?, 1, 0)",
+                     ("video_" + "0" * 24, QUEUED, json.dumps({"prompt": PROMPT})))
+    database.commit()
+    database.close()
+    store = JobStore(tmp_path)
+    job = store.claim_next()
+    assert job["id"] == "video_" + "0" * 24 and job["warnings"] == []
+    store.add_warning(job["id"], "first")
+    store.add_warning(job["id"], "second")
+    assert store.get(job["id"])["warnings"] == ["first", "second"]
+    store.recover()  # the process died during the run: the next run gives its own warnings
+    assert store.claim_next()["warnings"] == []
 
 
 def test_retention_bounds_the_jobs_kept(tmp_path):

@@ -7,6 +7,8 @@ import sys
 import av
 
 import vidsynth
+from vidsynth.cli import main
+from vidsynth.data import training_specs, vocabulary
 from vidsynth.evaluate import default_specs, evaluate
 from vidsynth.registry import SHIPPED_MODEL, package_model_path
 
@@ -29,6 +31,19 @@ def test_generate_without_model_uses_the_shipped_model(tmp_path):
         stream = container.streams.video[0]
         assert (stream.frames, stream.width, stream.height, float(stream.average_rate)) == (16, 64, 64, 8)
         assert json.loads(container.metadata["comment"])["model"] == SHIPPED_MODEL
+
+
+def test_the_shipped_model_names_the_words_of_a_prompt_it_never_saw(tmp_path, capsys):
+    saved = json.loads((package_model_path(SHIPPED_MODEL) / "vidsynth.json").read_text())["vocabulary"]
+    assert saved == sorted(vocabulary(spec.caption for spec in training_specs()))  # what it was trained on
+    video = tmp_path / "car.mp4"
+    assert main(["generate", "A car flying in space.", "--frames", "2", "--steps", "1", "-o", str(video)]) == 0
+    assert video.is_file()  # a warning, not an error
+    assert ("vidsynth: warning: vidsynth-tiny never saw 'car', 'flying', 'in', 'space' in its training captions and "
+            "cannot draw what they say; it knows: a, and, background, black, blue, circle,") in capsys.readouterr().err
+    assert main(["generate", "A Red circle, moving left on a black background!", "--frames", "2", "--steps", "1",
+                 "-o", str(tmp_path / "circle.mp4")]) == 0
+    assert "warning" not in capsys.readouterr().err  # case and punctuation are not words
 
 
 def test_shipped_model_draws_the_asked_colour_shape_background_and_motion():

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import vidsynth
+from vidsynth import GenerationRequest
 from vidsynth.cli import main
-from vidsynth.data import ClipSpec, render
+from vidsynth.data import ClipSpec, render, training_specs, vocabulary
 from vidsynth.errors import VidsynthError
 from vidsynth.train import (ARCHITECTURES, Trainer, TrainOptions, architecture_of, build_components,
                             sample_timesteps, train)
@@ -38,6 +39,15 @@ def test_train_save_resume_and_generate(tmp_path):
     pipeline = vidsynth.load(str(run / "model"), device="cpu", dtype="float32")
     video = pipeline("a red circle moving left on a black background", progress=False, steps=2, seed=0)
     assert video.frames.shape == (4, 32, 32, 3)  # the micro architecture's native size, from vidsynth.json
+    # It knows the words of its captions, and a converted copy still does.
+    assert pipeline.components.vocabulary == vocabulary(spec.caption for spec in training_specs())
+    assert main(["convert", str(run / "model"), str(tmp_path / "copy")]) == 0
+    copy = vidsynth.load(str(tmp_path / "copy"), device="cpu", dtype="float32")
+    assert copy.components.vocabulary == pipeline.components.vocabulary
+    request = GenerationRequest.create(prompt="a red bicycle moving left")
+    assert copy.prompt_warnings(request) == [
+        f"{copy.name} never saw 'bicycle' in its training captions and cannot draw what it says; it knows: "
+        f"{', '.join(sorted(copy.components.vocabulary))}. A full-size model such as ms-1.7b reads any prompt"]
 
 
 def test_resume_continues_from_the_saved_weights(tmp_path):
@@ -75,6 +85,8 @@ def test_fine_tuning_checks_the_architecture_and_reuses_vae_and_text(tmp_path, t
     assert all(torch.equal(v, trainer.vae.state_dict()[k]) for k, v in vae_before.items())
     assert all(torch.equal(v, trainer.text_encoder.state_dict()[k]) for k, v in text_before.items())
     assert progress_of(tmp_path / "ft")["vae_step"] == 0
+    # The model it started from learnt from captions unknown here, so the fine-tuned one claims no vocabulary.
+    assert "vocabulary" not in json.loads((tmp_path / "ft" / "model" / "vidsynth.json").read_text())
 
 
 def test_training_on_a_folder_of_captioned_videos(tmp_path):
@@ -85,6 +97,8 @@ def test_training_on_a_folder_of_captioned_videos(tmp_path):
         (data / f"clip{index}.txt").write_text(spec.caption)
     train(TrainOptions(out=tmp_path / "run", data=str(data), steps=1, **MICRO))
     assert progress_of(tmp_path / "run")["step"] == 1
+    assert json.loads((tmp_path / "run" / "model" / "vidsynth.json").read_text())["vocabulary"] == [
+        "a", "background", "black", "blue", "circle", "left", "moving", "on", "red", "square", "up", "white"]
 
 
 def test_bad_datasets_fail_clearly(tmp_path, capsys):

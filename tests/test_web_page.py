@@ -120,14 +120,18 @@ def test_make_watch_download_cancel_and_history(browser, site, artifacts, tmp_pa
     assert "not a readable image/png file" in page.text_content("[data-error-for=body]")
     assert page.is_hidden("#start-from")
 
-    # A long job, cancelled from the page.
-    page.fill("#prompt", "a red circle moving left on a black background")
+    # A long job, cancelled from the page; the model warns that it never saw one of the prompt's words.
+    assert page.is_hidden("#job-warnings")
+    page.fill("#prompt", "a red car moving left on a black background")
     page.fill("#steps", "400")
     page.click("#submit")
     page.wait_for_function("document.querySelector('#phase').textContent.includes('denoising step')")
+    assert page.is_visible("#job-warnings") and "never saw 'car'" in page.text_content("#job-warnings")
+    page.screenshot(path=str(artifacts / "web-page-warning.png"), full_page=True)
     page.click("#cancel")
     page.wait_for_function("document.querySelector('#job-status').textContent === 'canceled'")
     assert not page.is_visible("#cancel") and not page.is_visible("#player")
+    assert page.locator("#job-warnings li").count() == 1  # the job's own list and its stream say it once
 
     # After a reload the history lists the jobs; "use these settings" refills the form, start video included.
     page.reload()
@@ -141,8 +145,11 @@ def test_make_watch_download_cancel_and_history(browser, site, artifacts, tmp_pa
     items.nth(3).locator("button.reuse").click()
     assert page.input_value("#seed") == "5" and page.input_value("#steps") == "20"
     assert page.is_hidden("#start-from")
+    items.nth(0).locator(".text").click()
+    assert "never saw 'car'" in page.text_content("#job-warnings")  # kept with the job
     items.nth(3).locator(".text").click()
     page.wait_for_function("document.querySelector('#player').readyState >= 2")
+    assert page.is_hidden("#job-warnings")
     page.screenshot(path=str(artifacts / "web-page-history.png"), full_page=True)
     assert errors == []
     page.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import itertools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -69,6 +70,16 @@ def training_specs() -> list[ClipSpec]:
 
 def evaluation_specs() -> list[ClipSpec]:
     return [spec for spec in all_specs() if held_out(spec)]
+
+
+def caption_words(text: str) -> list[str]:
+    """The words of a caption or prompt, as a model's vocabulary counts them: lower case, letters and digits."""
+    return re.findall(r"[^\W_]+", text.lower())
+
+
+def vocabulary(captions) -> frozenset[str]:
+    """Every word of `captions`: what a model trained on them can have learnt to draw."""
+    return frozenset(word for caption in captions for word in caption_words(caption))
 
 
 def _shape_mask(shape: str, cx: float, cy: float, radius: float, size: int) -> np.ndarray:
@@ -135,6 +146,10 @@ class ProceduralClips:
         spec = self.specs[self.rng.integers(len(self.specs))]
         return render(spec, self.frames, self.size, self.rng), spec.caption
 
+    @property
+    def captions(self) -> list[str]:
+        return [spec.caption for spec in self.specs]
+
     def __iter__(self) -> Iterator[tuple[np.ndarray, str]]:
         while True:
             yield self.sample()
@@ -179,6 +194,10 @@ class VideoFolder:
 
     def sample(self) -> tuple[np.ndarray, str]:
         return self.items[self.rng.integers(len(self.items))]
+
+    @property
+    def captions(self) -> list[str]:
+        return [caption for _, caption in self.items]
 
 
 def _center_square(frame: np.ndarray, size: int) -> np.ndarray:

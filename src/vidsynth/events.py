@@ -1,10 +1,12 @@
-"""Progress events: the one channel through which a generation reports progress and is cancelled.
+"""Progress events: the one channel through which a generation reports progress and warnings, and is cancelled.
 
 A callback receives every `Event`; raising `vidsynth.Cancelled` from it stops the generation at that point
 (the denoising loop calls it once per step, so cancellation takes effect within one step). The CLI progress bar,
-the server's job worker and the notebook display are all such callbacks.
+the server's job worker and the notebook display are all such callbacks. An event with a `message` is a warning for
+whoever asked for the video; without a callback it is issued as a Python warning instead.
 """
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
@@ -25,7 +27,7 @@ class Event:
     total: int = 0  # steps in this phase (0 when it has none)
     video: int = 0  # index of the video being made
     videos: int = 1  # videos in the request
-    message: str = ""
+    message: str = ""  # a warning (a prompt cut short, words the model never saw...); empty on progress events
 
     @property
     def progress(self) -> float:
@@ -41,6 +43,12 @@ class Event:
 Callback = Optional[Callable[[Event], None]]
 
 
+class GenerationWarning(UserWarning):
+    """An Event's warning, issued through Python's warnings when no callback takes it."""
+
+
 def emit(callback: Callback, event: Event) -> None:
     if callback is not None:
         callback(event)
+    elif event.message:
+        warnings.warn(event.message, GenerationWarning, stacklevel=3)

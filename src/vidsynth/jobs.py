@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     idempotency_key TEXT UNIQUE,
-    request_digest TEXT
+    request_digest TEXT,
+    warnings TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
@@ -74,6 +75,8 @@ class JobStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            if "warnings" not in {column["name"] for column in self._db.execute("PRAGMA table_info(jobs)")}:
+                self._db.execute("ALTER TABLE jobs ADD COLUMN warnings TEXT")  # a data folder from before warnings
 
     def close(self) -> None:
         with self._lock:
@@ -144,7 +147,8 @@ class JobStore:
             "id": row["id"], "object": "video", "status": row["status"], "progress": round(row["progress"] * 100, 1),
             "phase": row["phase"], "queue_position": None, "outputs": row["outputs"],
             "created_at": row["created_at"], "started_at": row["started_at"], "completed_at": row["completed_at"],
-            "attempts": row["attempts"], "cancel_requested": bool(row["cancel_requested"]), "request": json.loads(row["request"]), "error": None,
+            "attempts": row["attempts"], "cancel_requested": bool(row["cancel_requested"]), "request": json.loads(row["request"]),
+            "warnings": json.loads(row["warnings"] or "[]"), "error": None,
         }
         if row["status"] == QUEUED:
             ahead = self._query("SELECT COUNT(*) AS n FROM jobs WHERE status = ? AND seq < ?", (QUEUED, row["seq"]))
@@ -184,14 +188,22 @@ class JobStore:
         """Mark the oldest queued job in progress and return it (None when the queue is empty)."""
         with self._lock:
             row = self._db.execute(
-                "UPDATE jobs SET status = ?, started_at = ?, attempts = attempts + 1, progress = 0, phase = NULL "
-                "WHERE seq = (SELECT seq FROM jobs WHERE status = ? ORDER BY seq LIMIT 1) RETURNING id",
+                "UPDATE jobs SET status = ?, started_at = ?, attempts = attempts + 1, progress = 0, phase = NULL, "
+                "warnings = NULL WHERE seq = (SELECT seq FROM jobs WHERE status = ? ORDER BY seq LIMIT 1) RETURNING id",
                 (IN_PROGRESS, time.time(), QUEUED)).fetchone()
         return self.get(row["id"]) if row else None
 
     def set_progress(self, job_id: str, progress: float, phase: str) -> None:
         self._query("UPDATE jobs SET progress = ?, phase = ? WHERE id = ? AND status = ?",
                     (progress, phase, job_id, IN_PROGRESS))
+
+    def add_warning(self, job_id: str, message: str) -> None:
+        """Keep a warning the running job's generation gave (a prompt cut short, words the model never saw...)."""
+        with self._lock:
+            row = self._db.execute("SELECT warnings FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is not None:
+                kept = json.loads(row["warnings"] or "[]") + [message]
+                self._db.execute("UPDATE jobs SET warnings = ? WHERE id = ?", (json.dumps(kept), job_id))
 
     def finish(self, job_id: str, status: str, error: Optional[tuple[str, str]] = None) -> None:
         code, message = error or (None, None)

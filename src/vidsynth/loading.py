@@ -43,6 +43,9 @@ class Components:
     defaults: ModelDefaults
     name: str
     source: dict = field(default_factory=dict)  # where it came from, for `vidsynth info` and metadata
+    # The words of the captions the model was trained on, when vidsynth trained it (None: trained elsewhere, on
+    # captions unknown here). A prompt's other words get a warning: such a model cannot draw what they say.
+    vocabulary: Optional[frozenset[str]] = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -300,19 +303,24 @@ def load_components(reference: Optional[str] = None, *, dtype: Optional[torch.dt
                          f"ModelScope-layout one (no {MODELSCOPE_CONFIG})")
     for name in ("unet", "vae", "text_encoder"):
         parts[name].eval().requires_grad_(False)  # built modules start in training mode, with dropout on
-    defaults = location.known.defaults if location.known else read_defaults(folder, parts)
-    return Components(**parts, defaults=defaults, name=location.name, source={"path": str(folder), "layout": layout})
+    defaults, vocabulary = read_model_settings(folder, parts)
+    return Components(**parts, defaults=location.known.defaults if location.known else defaults, name=location.name,
+                      source={"path": str(folder), "layout": layout}, vocabulary=vocabulary)
 
 
-def read_defaults(folder: Path, parts: dict[str, Any]) -> ModelDefaults:
+def read_model_settings(folder: Path, parts: dict[str, Any]) -> tuple[ModelDefaults, Optional[frozenset[str]]]:
+    """The native settings and the training vocabulary vidsynth saved with a model; for other models, defaults from
+    the UNet's sample size and no vocabulary."""
     path = folder / DEFAULTS_FILE
     if path.is_file():
         try:
-            return ModelDefaults(**json.loads(path.read_text())["defaults"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ModelError(f"{path} is not a valid vidsynth defaults file: {exc}") from None
+            saved = json.loads(path.read_text())
+            vocabulary = saved.get("vocabulary")
+            return ModelDefaults(**saved["defaults"]), frozenset(vocabulary) if vocabulary is not None else None
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelError(f"{path} is not a valid vidsynth settings file: {exc}") from None
     side = (parts["unet"].config.sample_size or 32) * 2 ** (len(parts["vae"].config.block_out_channels) - 1)
-    return ModelDefaults(height=side, width=side)
+    return ModelDefaults(height=side, width=side), None
 
 
 def _read_index(folder: Path) -> dict:
@@ -389,7 +397,10 @@ def save_model_folder(components: Components, folder: Path, *, dtype: Optional[t
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (folder / DIFFUSERS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    (folder / DEFAULTS_FILE).write_text(json.dumps({"defaults": components.defaults.as_dict()}, indent=2) + "\n")
+    settings: dict[str, Any] = {"defaults": components.defaults.as_dict()}
+    if components.vocabulary is not None:
+        settings["vocabulary"] = sorted(components.vocabulary)
+    (folder / DEFAULTS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     return folder
 
 

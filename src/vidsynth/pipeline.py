@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import warnings
 from dataclasses import replace
 from typing import Callable, Optional, Union
 
@@ -23,6 +22,7 @@ from .caching import DeepFeatureCache, noise_prediction
 from .convolution import rewritten_convolutions
 from .cpu_memory import available_memory_bytes, free_memory_handed_back, freed_memory_reused
 from .cuda_graphs import CudaGraphedForward
+from .data import caption_words
 from .devices import OFFLOAD_MODES, dtype_name, resolve_device, resolve_dtype
 from .errors import InputError, NumericalError, RequestError
 from .events import Callback, Event, emit
@@ -41,6 +41,7 @@ DENOISING_BYTES_PER_UNIT = 70
 # convolutions took 90 s, at the same peak; larger chunks of it peaked 2.7 GiB higher (BENCHMARKS.md). Elsewhere 8.
 CPU_DECODE_PIXELS = 2 * 256 * 256
 DECODE_FRAMES = 8
+MAX_WORDS_LISTED = 60  # a model's vocabulary is spelt out in its warning up to this size
 
 
 def load(model: Optional[str] = None, *, device: str = "auto", dtype: str = "auto", offload: str = "none",
@@ -209,10 +210,16 @@ class Pipeline:
 
     @torch.inference_mode()  # modules built by hand may still require grad: never keep activations for autograd
     def generate(self, request: GenerationRequest, callback: Callback = None) -> list[Video]:
-        """Make every video the request asks for. Raise Cancelled (from the callback) to stop."""
+        """Make every video the request asks for. Warnings reach the callback as events with a message; raise
+        Cancelled from it to stop."""
         request, source = self._prepare(request)
         scale = self.components.vae_scale_factor
         prompts, count = request.prompts, request.total_videos
+        latent_shape = (1, LATENT_CHANNELS, request.frames, request.height // scale, request.width // scale)
+        low_memory, memory_warning = self.memory_mode(latent_shape, request)
+        for message in [*self.prompt_warnings(request), memory_warning]:
+            if message:
+                emit(callback, Event("encode", 0, 1, 0, count, message=message))
         emit(callback, Event("encode", 0, 1, 0, count))
         with self._using(self.components.text_encoder):
             negative = self.encode_text([request.negative_prompt])
@@ -230,9 +237,7 @@ class Pipeline:
                 seed = request.seed + index
                 # One generator per video: the initial noise, then any noise a stochastic sampler draws.
                 generator = torch.Generator("cpu").manual_seed(seed)
-                noise = initial_noise(generator, request.frames, request.height // scale, request.width // scale,
-                                      frames_first=source is not None)
-                low_memory = self.low_memory_mode(noise.shape, request)
+                noise = initial_noise(generator, *latent_shape[2:], frames_first=source is not None)
                 latents = self.denoise(noise, positive[prompt_index:prompt_index + 1], negative, request, generator,
                                        lambda k, n: emit(callback, Event("denoise", k, n, index, count)), low_memory,
                                        start)
@@ -251,11 +256,14 @@ class Pipeline:
         scale = self.components.vae_scale_factor
         generator = torch.Generator("cpu").manual_seed(request.seed)
         noise = initial_noise(generator, request.frames, request.height // scale, request.width // scale)
+        low_memory, memory_warning = self.memory_mode(noise.shape, request)
+        if memory_warning:
+            emit(callback, Event("denoise", 0, 1, message=memory_warning))
         with torch.inference_mode():
             with self._using(self.components.text_encoder):
                 text = self.encode_text([""])
             self.denoise(noise, text, text, request, generator, lambda k, n: emit(callback, Event("denoise", k, n)),
-                         self.low_memory_mode(noise.shape, request))
+                         low_memory)
 
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
         """The request with this model's defaults and a seed filled in, checked against what the model can make."""
@@ -289,14 +297,32 @@ class Pipeline:
                                f"raise strength or steps")
         return request, source[:request.frames]
 
+    def prompt_warnings(self, request: GenerationRequest) -> list[str]:
+        """What the person asking should know about the prompts: one the text encoder reads only the start of, and
+        words that a model vidsynth trained never saw in its captions (it cannot draw what they say)."""
+        texts = {f"prompt {text[:60]!r}": text for text in request.prompts}
+        if request.negative_prompt:
+            texts[f"negative prompt {request.negative_prompt[:60]!r}"] = request.negative_prompt
+        tokenizer, messages = self.components.tokenizer, []
+        limit = tokenizer.model_max_length
+        for label, length in zip(texts, map(len, tokenizer(list(texts.values())).input_ids)):
+            if length > limit:
+                messages.append(f"{label} is {length} tokens; the text encoder reads only the first {limit}, so the "
+                                f"end is ignored")
+        known = self.components.vocabulary
+        unknown = [] if known is None else list(dict.fromkeys(
+            word for text in texts.values() for word in caption_words(text) if word not in known))
+        if unknown:
+            words = ", ".join(sorted(known)) if len(known) <= MAX_WORDS_LISTED else f"{len(known)} words"
+            messages.append(f"{self.name} never saw {', '.join(map(repr, unknown))} in its training captions and "
+                            f"cannot draw what {'it says' if len(unknown) == 1 else 'they say'}; it knows: {words}. "
+                            f"A full-size model such as ms-1.7b reads any prompt")
+        return messages
+
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         tokenizer = self.components.tokenizer
-        limit = tokenizer.model_max_length
-        ids = tokenizer(texts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
-        for text, full_length in zip(texts, map(len, tokenizer(texts).input_ids)):
-            if full_length > limit:
-                warnings.warn(f"prompt is {full_length} tokens; the text encoder reads only the first {limit}, "
-                              f"so the end is ignored: {text[:60]!r}...", stacklevel=3)
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
         return self.components.text_encoder(ids.to(self.device)).last_hidden_state
 
     def denoise(self, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
@@ -407,25 +433,24 @@ class Pipeline:
         """How many frames of `height` x `width` pixels the VAE encodes or decodes at a time."""
         return self.decode_chunk or frames_per_decode(self.device, height, width)
 
-    def low_memory_mode(self, latent_shape: tuple[int, ...], request: GenerationRequest) -> bool:
+    def memory_mode(self, latent_shape: tuple[int, ...], request: GenerationRequest) -> tuple[bool, str]:
         """Whether to make a video in the low-memory mode: feed-forward layers one frame at a time and, on the CPU,
         freed memory handed back rather than reused, in denoising and decoding (the reused heap fragments by
         gigabytes on long videos: 1.3-1.6x faster, up to 6 GiB more at 64 frames 256x256, BENCHMARKS.md). Chosen by
         `forward_chunking`, or when that is None, on the CPU, by whether the default mode's estimated need fits in
-        the memory available."""
+        the memory available; then with a warning saying so (empty otherwise)."""
         if self.forward_chunking is not None or self.device.type != "cpu":
-            return bool(self.forward_chunking)
+            return bool(self.forward_chunking), ""
         _, _, frames, latent_height, latent_width = latent_shape
         batch = 1 if request.guidance == 1.0 else 2  # guided steps denoise the prompt's and the negative's batch
         need = denoising_memory_bytes(self.components.unet.config, frames, latent_height, latent_width, batch,
                                       self.dtype)
         available = available_memory_bytes()
         if available is None or need <= available:
-            return False
-        warnings.warn(f"this video needs about {need / 2**30:.1f} GiB beyond the weights and {available / 2**30:.1f} "
+            return False, ""
+        return True, (f"this video needs about {need / 2**30:.1f} GiB beyond the weights and {available / 2**30:.1f} "
                       f"GiB is available: denoising in the low-memory mode (slower; --forward-chunking or "
-                      f"--no-forward-chunking choose the mode yourself)", stacklevel=2)
-        return True
+                      f"--no-forward-chunking choose the mode yourself)")
 
     @contextlib.contextmanager
     def _vae_convolutions(self, low_memory: bool):

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+
 from tqdm.auto import tqdm
 
 from .events import Event
 
 
 class ProgressBar:
-    """Callback showing the denoising steps of each video (before them, the encoding of a video to start from), and
-    the phase in the bar's description."""
+    """Callback showing the denoising steps of each video (before them, the encoding of a video to start from), the
+    phase in the bar's description, and the generation's warnings above the bar."""
 
     def __init__(self, **tqdm_options):
         self.options = {"leave": False, "dynamic_ncols": True, **tqdm_options}
@@ -17,6 +19,9 @@ class ProgressBar:
         self.video = -1
 
     def __call__(self, event: Event) -> None:
+        if event.message:
+            tqdm.write(f"vidsynth: warning: {event.message}", file=sys.stderr)
+            return
         if event.phase == "encode_video":
             if self.bar is None:
                 self.bar = tqdm(total=event.total, desc="encoding the start video", unit="chunk", **self.options)

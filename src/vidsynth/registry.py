@@ -9,7 +9,7 @@ from pathlib import Path
 from .request import ModelDefaults
 
 SHIPPED_MODEL = "vidsynth-tiny"
-DEFAULTS_FILE = "vidsynth.json"  # the native settings vidsynth writes beside the weights it saves
+DEFAULTS_FILE = "vidsynth.json"  # native settings (and training vocabulary) vidsynth writes beside the weights it saves
 
 
 @dataclass(frozen=True)

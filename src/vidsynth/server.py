@@ -241,9 +241,9 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
 
     @app.get("/v1/videos/{job_id}/events", tags=["videos"])
     async def video_events(job_id: str, last_event_id: Optional[str] = Header(None)):
-        """Server-sent events: queued, started, step, decoding, encoding, then completed, failed or canceled. The
-        job's own events carry ids; a client reconnecting with `Last-Event-ID` (as EventSource does) gets only the
-        ones after it."""
+        """Server-sent events: queued, started, warning, step, decoding, encoding, then completed, failed or
+        canceled. The job's own events carry ids; a client reconnecting with `Last-Event-ID` (as EventSource does)
+        gets only the ones after it."""
         job_or_404(job_id)
         start = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
         return StreamingResponse(_event_stream(job_id, start), media_type="text/event-stream",

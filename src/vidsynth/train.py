@@ -24,7 +24,7 @@ from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .data import ClipStream, ProceduralClips, VideoFolder
+from .data import ClipStream, ProceduralClips, VideoFolder, vocabulary
 from .devices import resolve_device
 from .errors import VidsynthError
 from .loading import Components, load_components, save_model_folder
@@ -184,7 +184,7 @@ def build_components(arch: Architecture) -> Components:
     # this way, scored the same at 8 steps as at 10 and lost some at 6 (BENCHMARKS.md).
     defaults = ModelDefaults(frames=arch.frames, height=arch.size, width=arch.size, steps=8, guidance=4.0, fps=8)
     return Components(tokenizer=openclip_tokenizer(), text_encoder=text_encoder, unet=unet, vae=vae, schedule=SCRATCH_SCHEDULE,
-                      defaults=defaults, name="scratch")
+                      defaults=defaults, name="scratch", vocabulary=frozenset())
 
 
 def architecture_of(components: Components) -> dict:
@@ -213,6 +213,8 @@ class Trainer:
         self.components, self.arch = self._initial_components()
         self.fine_tuning = options.init is not None
         self.data = self._data()
+        if self.components.vocabulary is not None:  # None: a model trained elsewhere, on captions unknown here
+            self.components.vocabulary |= vocabulary(self.data.data.captions)
         self.loaders = {}  # batch size -> batch iterator
         self.unet, self.vae, self.text_encoder = self.components.unet, self.components.vae, self.components.text_encoder
         for module in (self.unet, self.vae, self.text_encoder):

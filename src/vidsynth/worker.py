@@ -1,8 +1,8 @@
 """The server's worker: one thread per device takes queued jobs one at a time, runs them through the pipeline and
 writes their files; and the in-memory event log that the server streams to clients as server-sent events.
 
-Progress arrives through the same `Event` callback the CLI's progress bar uses; the callback also checks the job's
-cancel flag, so a cancel or delete stops a running job within one denoising step.
+Progress and warnings arrive through the same `Event` callback the CLI's progress bar uses; the callback also checks
+the job's cancel flag, so a cancel or delete stops a running job within one denoising step.
 """
 
 from __future__ import annotations
@@ -129,6 +129,10 @@ class Worker:
                 raise ServerStopping()
             if self.store.cancel_requested(job_id):
                 raise Cancelled("canceled")
+            if event.message:
+                self.store.add_warning(job_id, event.message)
+                self.events.publish(job_id, "warning", message=event.message)
+                return
             self.store.set_progress(job_id, event.progress, event.phase)
             if event.phase in EVENT_NAMES:
                 self.events.publish(job_id, EVENT_NAMES[event.phase], step=event.step, total=event.total,

@@ -123,6 +123,7 @@ function show(job) {
   $("job-status").textContent = describe(job);
   $("progress").value = job.progress;
   $("phase").textContent = "";
+  showWarnings(job.warnings);
   $("player").hidden = true;
   $("player").removeAttribute("src");
   $("download").hidden = true;
@@ -131,6 +132,13 @@ function show(job) {
   $("cancel").hidden = !["queued", "in_progress"].includes(job.status);
   if (job.status === "completed") return play(job);
   if (["queued", "in_progress"].includes(job.status)) follow(job.id);
+}
+
+// What the generation warned of: a prompt cut short, words the model never saw, the low-memory mode.
+function showWarnings(warnings) {
+  const items = warnings.map((text) => Object.assign(document.createElement("li"), { textContent: text }));
+  $("job-warnings").replaceChildren(...items);
+  $("job-warnings").hidden = items.length === 0;
 }
 
 // "about 40 s left": the time since the job started, scaled by the share of it still to do (events carry the
@@ -148,6 +156,11 @@ function follow(id) {
   const on = (name, handler) => stream.addEventListener(name, (message) => current?.id === id && handler(JSON.parse(message.data)));
   let started = null;
   on("queued", (data) => { $("job-status").textContent = `queued (${data.queue_position} ahead)`; });
+  on("warning", (data) => {
+    if (current.warnings.includes(data.message)) return; // a reopened stream replays what the job already lists
+    current.warnings.push(data.message);
+    showWarnings(current.warnings);
+  });
   on("started", (data) => {
     started = data.time ?? null;
     $("job-status").textContent = "in progress";
