@@ -127,6 +127,14 @@ def test_a_callback_takes_the_warnings_as_events_in_place_of_python_warnings(tin
     assert events.index(next(event for event in events if event.phase == "denoise")) > 2  # warned before any step
 
 
+def test_the_progress_bar_prints_each_warning_once(tiny_pipeline, capsys):
+    from vidsynth.progress import ProgressBar
+    with ProgressBar(disable=True) as bar:
+        for seed in (0, 1):  # as an evaluation does: one bar, many videos, the same warning each time
+            tiny_pipeline("a red circle " * 30, callback=bar, seed=seed, **SMALL)
+    assert capsys.readouterr().err.count("vidsynth: warning: prompt 'a red circle") == 1
+
+
 @pytest.mark.filterwarnings("ignore:bfloat16 is emulated")  # on CPUs without native bf16: slow, still correct
 def test_bfloat16_runs_close_to_float32(tiny_model_dir, tiny_pipeline):
     half = vidsynth.load(str(tiny_model_dir), device="cpu", dtype="bf16")
