@@ -277,6 +277,12 @@ def test_list_is_newest_first_and_pages(client):
         wait_for(client, job_id)
 
 
+def test_settings_name_the_words_the_model_knows(client):
+    settings = client.get("/v1/settings").json()
+    assert settings["model"] == "vidsynth-tiny" and settings["defaults"]["steps"] == 6
+    assert len(settings["vocabulary"]) == 27 and {"circle", "left", "background"} <= set(settings["vocabulary"])
+
+
 def test_health_and_docs(client):
     health = client.get("/healthz").json()
     assert health["status"] == "ok" and health["model"] == "vidsynth-tiny" and health["ready"] is True

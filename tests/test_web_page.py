@@ -52,6 +52,8 @@ def test_make_watch_download_cancel_and_history(browser, site, artifacts, tmp_pa
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.goto(site.url)
     page.wait_for_function("document.querySelector('#scheduler').options.length > 0")
+    assert page.text_content("#vocabulary").startswith("vidsynth-tiny knows only the 27 words of its training "
+                                                        "captions: a, and, background, black, blue, circle,")
 
     # A bad setting is shown next to its field.
     page.fill("#prompt", "a red circle moving left on a black background")
@@ -87,9 +89,21 @@ def test_make_watch_download_cancel_and_history(browser, site, artifacts, tmp_pa
     download.value.save_as(saved)
     frames, fps = read_frames(saved)
     assert frames.shape == (16, 64, 64, 3) and fps == 8
+    with page.expect_download() as download:
+        page.click("#download-gif")
+    download.value.save_as(tmp_path / "download.gif")
+    assert download.value.suggested_filename.endswith(".gif") and Image.open(tmp_path / "download.gif").n_frames == 16
+
+    # The page's address names the job it shows: opened elsewhere, it shows that job's video.
+    first = httpx.get(f"{site.url}/v1/videos", params={"limit": 1}).json()["data"][0]
+    assert page.evaluate("location.hash") == f"#{first['id']}"
+    linked = browser.new_page()
+    linked.goto(f"{site.url}/#{first['id']}")
+    linked.wait_for_function("document.querySelector('#player').readyState >= 2", timeout=30_000)
+    assert linked.text_content("#job-prompt") == "a red circle moving left on a black background (seed 5)"
+    linked.close()
 
     # The next video starts from this one, then "start from noise" goes back to text-to-video.
-    first = httpx.get(f"{site.url}/v1/videos", params={"limit": 1}).json()["data"][0]
     assert page.is_hidden("#start-from")
     page.click("#start-from-this")
     assert page.is_visible("#start-from") and first["id"] in page.text_content("#start-video")

@@ -296,10 +296,13 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
 
     @app.get("/v1/settings", tags=["server"])
     def request_settings():
-        """What the page's form needs: the model's defaults, the schedulers, and the request schema with its limits."""
+        """What the page's form needs: the model's defaults, the schedulers, the request schema with its limits, and
+        the words of the model's training captions (null for a model vidsynth did not train)."""
         defaults = {**pipeline.defaults.as_dict(), "strength": DEFAULT_STRENGTH}
+        vocabulary = pipeline.components.vocabulary
         return {"model": pipeline.name, "defaults": defaults, "schedulers": list(SCHEDULERS),
-                "presets": list(PRESETS), "schema": GenerationRequest.model_json_schema()}
+                "presets": list(PRESETS), "schema": GenerationRequest.model_json_schema(),
+                "vocabulary": sorted(vocabulary) if vocabulary is not None else None}
 
     return app
 

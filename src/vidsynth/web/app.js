@@ -116,6 +116,7 @@ function describe(job) {
 
 function show(job) {
   current = job;
+  history.replaceState(null, "", `#${job.id}`); // the address of this job's view, to come back to or pass on
   if (stream) stream.close();
   const request = job.request;
   $("job").hidden = false;
@@ -127,6 +128,7 @@ function show(job) {
   $("player").hidden = true;
   $("player").removeAttribute("src");
   $("download").hidden = true;
+  $("download-gif").hidden = true;
   $("reuse").hidden = false;
   $("start-from-this").hidden = true;
   $("cancel").hidden = !["queued", "in_progress"].includes(job.status);
@@ -198,6 +200,9 @@ function play(job) {
   $("download").href = url;
   $("download").download = `${job.id}.mp4`;
   $("download").hidden = false;
+  $("download-gif").href = `/v1/videos/${job.id}/content?variant=gif`;
+  $("download-gif").download = `${job.id}.gif`;
+  $("download-gif").hidden = false;
   $("start-from-this").hidden = false;
   $("cancel").hidden = true;
 }
@@ -273,12 +278,19 @@ async function start() {
     for (const name of settings.schedulers) $("scheduler").add(new Option(name, name));
     for (const name of settings.presets) $("preset").add(new Option(name, name));
     for (const [name, value] of Object.entries(settings.defaults)) if ($(name)) $(name).placeholder = value;
+    if (settings.vocabulary) {
+      $("vocabulary").textContent = `${settings.model} knows only the ${settings.vocabulary.length} words of its ` +
+        `training captions: ${settings.vocabulary.join(", ")}.`;
+      $("vocabulary").hidden = false;
+    }
   } catch (error) {
     if (error.status === 401) return askForToken();
     $("form-error").textContent = error.message;
   }
   refreshHistory();
   watchWarmUp();
+  const linked = location.hash.slice(1); // a job's address: show that job
+  if (/^video_[0-9a-f]{24}$/.test(linked)) api(`/v1/videos/${linked}`).then(show, () => history.replaceState(null, "", "/"));
 }
 
 start();
