@@ -134,3 +134,11 @@ def test_notebook_display_embeds_a_playable_mp4():
     with av.open(io.BytesIO(data)) as container:
         assert container.streams.video[0].codec_context.name == "h264"
 
+
+def test_a_notebook_shows_several_videos_side_by_side(tiny_pipeline):
+    videos = tiny_pipeline(["a red circle", "a blue <square>"], num_videos=2, seed=1, frames=2, height=32, width=32,
+                           steps=1, progress=False)
+    html = videos._repr_html_()
+    assert isinstance(videos, list) and len(videos) == 4 and html.count("<video") == 4
+    assert html.count("a blue &lt;square&gt; (seed 4)") == 1  # each caption, escaped, with its own seed
+

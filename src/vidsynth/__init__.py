@@ -6,12 +6,12 @@ from .errors import (Cancelled, InputError, ModelError, ModelUnavailableError, N
                      RequestError, VidsynthError)
 from .events import Event, GenerationWarning
 from .request import GenerationRequest, ModelDefaults
-from .video import Video, read_frames, read_settings
+from .video import Video, Videos, read_frames, read_settings
 
 __all__ = [
     "Cancelled", "Event", "GenerationRequest", "GenerationWarning", "InputError", "ModelDefaults", "ModelError",
-    "ModelUnavailableError", "NumericalError", "OutputError", "Pipeline", "RequestError", "Video", "VidsynthError",
-    "load", "read_frames", "read_settings", "__version__",
+    "ModelUnavailableError", "NumericalError", "OutputError", "Pipeline", "RequestError", "Video", "Videos",
+    "VidsynthError", "load", "read_frames", "read_settings", "__version__",
 ]
 
 

@@ -29,7 +29,7 @@ from .events import Callback, Event, emit
 from .loading import Components, load_components
 from .request import MAX_FPS, MAX_FRAMES, GenerationRequest
 from .schedulers import make_scheduler
-from .video import Video, read_frames
+from .video import Video, Videos, read_frames
 
 LATENT_CHANNELS = 4
 # ms-1.7b in float32 on the CPU held 2.6 GiB beyond its weights at 16 frames 256x256 and 7.2-10.0 GiB at 64 frames
@@ -195,7 +195,7 @@ class Pipeline:
         return f"Pipeline(model={self.name!r}, device={self.device}, dtype={dtype_name(self.dtype)})"
 
     def __call__(self, prompt: Union[str, list[str], None] = None, *, callback: Callback = None,
-                 progress: bool = True, **settings) -> Union[Video, list[Video]]:
+                 progress: bool = True, **settings) -> Union[Video, Videos]:
         """Generate from a prompt and settings (the fields of GenerationRequest). One video, or a list of them."""
         request = GenerationRequest.create(prompt=prompt if prompt is not None else "", **settings)
         if progress and callback is None:
@@ -209,7 +209,7 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------------ the main loop
 
     @torch.inference_mode()  # modules built by hand may still require grad: never keep activations for autograd
-    def generate(self, request: GenerationRequest, callback: Callback = None) -> list[Video]:
+    def generate(self, request: GenerationRequest, callback: Callback = None) -> Videos:
         """Make every video the request asks for. Warnings reach the callback as events with a message; raise
         Cancelled from it to stop."""
         request, source = self._prepare(request)
@@ -230,7 +230,7 @@ class Pipeline:
             start = self.encode_video(source, request,
                                       lambda k, n: emit(callback, Event("encode_video", k, n, 0, count)))
 
-        videos = []
+        videos = Videos()
         with free_memory_handed_back():  # the host's heap, whatever the device
             for index in range(count):
                 prompt_index = index // request.num_videos

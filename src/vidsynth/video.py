@@ -63,6 +63,14 @@ class Video:
         return f"Video({frames} frames, {width}x{height}, {self.fps} fps, seed={self.seed}, prompt={self.settings.get('prompt')!r})"
 
 
+class Videos(list):
+    """The videos of one request, in order; a notebook shows them side by side."""
+
+    def _repr_html_(self) -> str:
+        return ('<div style="display:flex;flex-wrap:wrap;gap:12px">' + "".join(video._repr_html_() for video in self)
+                + "</div>")
+
+
 def _html_escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
