@@ -70,7 +70,8 @@ def test_warm_up_captures_what_the_models_own_video_needs(tiny_model_dir):
     captured = dict(pipeline.unet_forward.steps)
     assert len(captured) == 1  # the guided step of the model's native video
     pipeline("a red circle", seed=0, steps=2, progress=False)  # the native size and guidance
-    assert dict(pipeline.unet_forward.steps) == captured  # the same graph replayed, none captured anew
+    steps = pipeline.unet_forward.steps
+    assert len(steps) == 1 and all(steps.get(key) is step for key, step in captured.items())  # replayed, not anew
 
 
 @pytest.mark.skipif(not os.environ.get("VIDSYNTH_SLOW"), reason="compiles with inductor (minutes): opt in with "
