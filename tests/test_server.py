@@ -287,7 +287,22 @@ def test_health_and_docs(client):
     health = client.get("/healthz").json()
     assert health["status"] == "ok" and health["model"] == "vidsynth-tiny" and health["ready"] is True
     assert client.get("/docs").status_code == 200
-    assert "/v1/videos" in client.get("/openapi.json").json()["paths"]
+
+
+def test_the_openapi_description_gives_the_shapes_the_api_answers_with(client):
+    spec = client.get("/openapi.json").json()
+    schemas, paths = spec["components"]["schemas"], spec["paths"]
+    job = submit(client, **FAST)
+    listed = client.get("/v1/videos", params={"limit": 1}).json()
+    assert set(schemas["Job"]["properties"]) == set(job) == set(listed["data"][0])  # every field, and only those
+    assert set(schemas["JobList"]["properties"]) == set(listed)
+    missing = client.get("/v1/videos/video_000000000000000000000000").json()
+    assert set(schemas["ErrorDetail"]["properties"]) == set(missing["error"])
+    answers = {(path, method): operation["responses"] for path, item in paths.items() for method, operation in item.items()}
+    assert answers[("/v1/videos/{job_id}", "get")]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/Job")
+    assert answers[("/v1/videos", "post")]["202"]["content"]["application/json"]["schema"]["$ref"].endswith("/Job")
+    assert all(answers[("/v1/videos", "post")][status]["content"]["application/json"]["schema"]["$ref"]
+               .endswith("/ErrorBody") for status in ("401", "409", "413", "422", "429"))
 
 
 def test_a_compiled_server_compiles_before_its_first_job_which_waits_for_it(held_compile, tmp_path):

@@ -17,12 +17,13 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from . import __version__
@@ -49,6 +50,61 @@ class ServerSettings:
     keep_jobs: int = 500  # finished jobs (and their files) kept; older ones are deleted
     max_body_bytes: int = 64 * 1024
     max_upload_bytes: int = 64 * 2**20  # a start video or image sent to /v1/uploads
+
+
+# The shapes of the API's answers, for its OpenAPI description (/docs): the routes return the job store's dicts.
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class Job(BaseModel):
+    """A video job, as every route that returns one gives it."""
+
+    id: str
+    object: Literal["video"]
+    status: Literal["queued", "in_progress", "completed", "failed", "canceled"]
+    progress: float = Field(description="0-100")
+    phase: Optional[str] = Field(description="while it runs: encode, encode_video, denoise, decode or write")
+    queue_position: Optional[int] = Field(description="jobs ahead of it, while it is queued")
+    outputs: int = Field(description="videos it makes")
+    created_at: float = Field(description="unix seconds, as the other times")
+    started_at: Optional[float]
+    completed_at: Optional[float]
+    attempts: int = Field(description="runs started, counting those the server died during")
+    cancel_requested: bool
+    request: dict[str, Any] = Field(description="the GenerationRequest, with the model's defaults and the seed filled in")
+    warnings: list[str] = Field(description="what the generation warned of: a prompt cut short, words the model "
+                                            "never saw, the low-memory mode")
+    error: Optional[JobError]
+
+
+class JobList(BaseModel):
+    object: Literal["list"]
+    data: list[Job]
+    has_more: bool
+    last_id: Optional[str] = Field(description="pass as `after` for the next page")
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: Optional[str] = Field(description="the request field it is about, if one")
+    fields: list[FieldError] = Field(description="every bad field, for a 422")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+def errors(*statuses: int) -> dict:
+    return {status: {"model": ErrorBody} for status in statuses}
 
 
 def is_loopback(host: str) -> bool:
@@ -96,7 +152,7 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
             await asyncio.to_thread(worker.stop)
             store.close()
 
-    app = FastAPI(title="vidsynth", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="vidsynth", version=__version__, lifespan=lifespan, responses=errors(401, 413, 422),
                   description="Text-to-video jobs: submit, watch progress, fetch the video.")
 
     # ------------------------------------------------------------------------------------------- guards and errors
@@ -146,7 +202,7 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
                 "dtype": dtype_name(pipeline.dtype), "queued": state["store"].queued_count(),
                 "running": state["worker"].current, "ready": not state["worker"].warming_up}
 
-    @app.post("/v1/videos", status_code=202, tags=["videos"])
+    @app.post("/v1/videos", status_code=202, tags=["videos"], response_model=Job, responses=errors(409, 429))
     def create_video(body: GenerationRequest, idempotency_key: Optional[str] = Header(None, max_length=255)):
         """Queue a generation. The request's unset fields take the model's defaults; a missing seed is drawn now."""
         store = state["store"]
@@ -168,7 +224,7 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
             state["worker"].wake()
         return JSONResponse(job, status_code=202, headers={} if created else {"Idempotent-Replayed": "true"})
 
-    @app.post("/v1/uploads", status_code=201, tags=["uploads"])
+    @app.post("/v1/uploads", status_code=201, tags=["uploads"], responses=errors(415))
     async def upload_start_video(request: Request):
         """A video or image for jobs to start from (their `init_video` is the id this returns): the file itself as the
         body, its type as Content-Type. Kept as long as jobs are (`--keep-jobs` uploads at most)."""
@@ -193,7 +249,7 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
         return {"id": upload_id, "object": "upload", "content_type": content_type, "bytes": len(data),
                 "width": width, "height": height}
 
-    @app.get("/v1/videos", tags=["videos"])
+    @app.get("/v1/videos", tags=["videos"], response_model=JobList)
     def list_videos(limit: int = Query(20, ge=1, le=100), after: Optional[str] = Query(None, max_length=64)):
         """Jobs, newest first. Pass the last id of a page as `after` for the next page."""
         try:
@@ -202,18 +258,18 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
             raise ApiError(422, "invalid_request", f"no video job {after!r}", "after") from None
         return {"object": "list", "data": jobs, "has_more": has_more, "last_id": jobs[-1]["id"] if jobs else None}
 
-    @app.get("/v1/videos/{job_id}", tags=["videos"])
+    @app.get("/v1/videos/{job_id}", tags=["videos"], response_model=Job, responses=errors(404))
     def get_video(job_id: str):
         return job_or_404(job_id)
 
-    @app.delete("/v1/videos/{job_id}", tags=["videos"])
+    @app.delete("/v1/videos/{job_id}", tags=["videos"], responses=errors(404))
     def delete_video(job_id: str):
         """Delete a job and its files; a running job is stopped first."""
         job_or_404(job_id)
         state["store"].delete(job_id)
         return {"id": job_id, "object": "video.deleted", "deleted": True}
 
-    @app.post("/v1/videos/{job_id}/cancel", tags=["videos"])
+    @app.post("/v1/videos/{job_id}/cancel", tags=["videos"], response_model=Job, responses=errors(404, 409))
     def cancel_video(job_id: str):
         """A queued job never starts; a running one stops within one denoising step."""
         job = job_or_404(job_id)
@@ -224,7 +280,7 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
             state["events"].publish(job_id, CANCELED)
         return job
 
-    @app.get("/v1/videos/{job_id}/content", tags=["videos"])
+    @app.get("/v1/videos/{job_id}/content", tags=["videos"], responses=errors(404, 409))
     def video_content(job_id: str, variant: Literal[tuple(VARIANTS)] = "video", index: int = Query(0, ge=0)):
         """The finished video (mp4), a thumbnail (png, the middle frame) or an animated gif. Answers Range requests."""
         job = job_or_404(job_id)
@@ -239,7 +295,7 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
         return FileResponse(path, media_type=media_type, filename=f"{job_id}-{index}.{extension}",
                             content_disposition_type="inline")
 
-    @app.get("/v1/videos/{job_id}/events", tags=["videos"])
+    @app.get("/v1/videos/{job_id}/events", tags=["videos"], responses=errors(404))
     async def video_events(job_id: str, last_event_id: Optional[str] = Header(None)):
         """Server-sent events: queued, started, warning, step, decoding, encoding, then completed, failed or
         canceled. The job's own events carry ids; a client reconnecting with `Last-Event-ID` (as EventSource does)
