@@ -26,7 +26,8 @@ def test_generate_without_model_uses_the_shipped_model(tmp_path):
                            "a yellow square moving right on a black background", "--seed", "1", "-o", "clip.mp4",
                            "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)[0]["path"] == "clip.mp4"  # printed in full before the process's quick exit
+    [result] = json.loads(done.stdout)
+    assert result["path"] == "clip.mp4" and result["warnings"] == []  # printed in full before the quick exit
     with av.open(str(tmp_path / "clip.mp4")) as container:
         stream = container.streams.video[0]
         assert (stream.frames, stream.width, stream.height, float(stream.average_rate)) == (16, 64, 64, 8)
@@ -37,10 +38,15 @@ def test_the_shipped_model_names_the_words_of_a_prompt_it_never_saw(tmp_path, ca
     saved = json.loads((package_model_path(SHIPPED_MODEL) / "vidsynth.json").read_text())["vocabulary"]
     assert saved == sorted(vocabulary(spec.caption for spec in training_specs()))  # what it was trained on
     video = tmp_path / "car.mp4"
-    assert main(["generate", "A car flying in space.", "--frames", "2", "--steps", "1", "-o", str(video)]) == 0
+    assert main(["generate", "A car flying in space.", "--frames", "2", "--steps", "1", "-o", str(video),
+                 "--json"]) == 0
     assert video.is_file()  # a warning, not an error
-    assert ("vidsynth: warning: vidsynth-tiny never saw 'car', 'flying', 'in', 'space' in its training captions and "
-            "cannot draw what they say; it knows: a, and, background, black, blue, circle,") in capsys.readouterr().err
+    printed = capsys.readouterr()
+    warning = ("vidsynth-tiny never saw 'car', 'flying', 'in', 'space' in its training captions and cannot draw what "
+               "they say; it knows: a, and, background, black, blue, circle,")
+    assert f"vidsynth: warning: {warning}" in printed.err
+    [result] = json.loads(printed.out)
+    assert len(result["warnings"]) == 1 and result["warnings"][0].startswith(warning)
     assert main(["generate", "A Red circle, moving left on a black background!", "--frames", "2", "--steps", "1",
                  "-o", str(tmp_path / "circle.mp4")]) == 0
     assert "warning" not in capsys.readouterr().err  # case and punctuation are not words

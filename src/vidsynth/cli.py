@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "the steps run (default 0.75; 1 = from pure noise)")
     generate.add_argument("--allow-empty-prompt", action="store_true", help="allow unconditional generation")
     _add_runtime_options(generate)
-    generate.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    generate.add_argument("--json", action="store_true", help="print the results as JSON on stdout: each video's path, settings and the warnings of its request")
     generate.set_defaults(run=run_generate)
 
     convert = commands.add_parser("convert", help="write any model as a diffusers-layout folder of safetensors")
@@ -305,7 +305,7 @@ def run_generate(args) -> int:
     results = []
     for video, path in zip(videos, output_paths(args.output, videos)):
         written = video.save(path)
-        results.append({"path": str(written), "settings": video.settings})
+        results.append({"path": str(written), "settings": video.settings, "warnings": bar.warnings})
         _status(f"wrote {written} (seed {video.seed})", args)
     if args.json:
         print(json.dumps(results, indent=2))

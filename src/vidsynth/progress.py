@@ -17,12 +17,12 @@ class ProgressBar:
         self.options = {"leave": False, "dynamic_ncols": True, **tqdm_options}
         self.bar = None
         self.video = -1
-        self.warned = set()  # each warning once, however many videos (an evaluation's) repeat it
+        self.warnings: list[str] = []  # each warning once, however many videos (an evaluation's) repeat it
 
     def __call__(self, event: Event) -> None:
         if event.message:
-            if event.message not in self.warned:
-                self.warned.add(event.message)
+            if event.message not in self.warnings:
+                self.warnings.append(event.message)
                 tqdm.write(f"vidsynth: warning: {event.message}", file=sys.stderr)
             return
         if event.phase == "encode_video":
