@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "the steps run (default 0.75; 1 = from pure noise)")
     generate.add_argument("--allow-empty-prompt", action="store_true", help="allow unconditional generation")
     _add_runtime_options(generate)
-    generate.add_argument("--json", action="store_true", help="print the results as JSON on stdout: each video's path, settings and the warnings of its request")
+    generate.add_argument("--json", action="store_true", help="print the results as JSON on stdout: each video's "
+                          "path, settings and the warnings of its request")
     generate.set_defaults(run=run_generate)
 
     convert = commands.add_parser("convert", help="write any model as a diffusers-layout folder of safetensors")
