@@ -6,6 +6,7 @@ channels-last convolution weights.
     python benchmarks/unet_variants.py --compiled        # also the torch.compile variants (minutes each)
     python benchmarks/unet_variants.py --compiled --skip "3-D"    # leave out variants whose names contain this
     python benchmarks/unet_variants.py --compiled --only compiled  # only the compiled variants (and the reference)
+    python benchmarks/unet_variants.py --compiled --only "frozen"  # one compiled variant (about two minutes)
     python benchmarks/unet_variants.py --device cpu --dtype float32 --frames 2 --size 8 --repeats 1
 """
 
@@ -34,6 +35,7 @@ class Variant:
     channels_last: bool = False  # convolution weights channels-last
     compiled: bool = False  # torch.compile, reduce-overhead: inductor's kernels replayed from CUDA graphs
     autotune: bool = False  # compiled with max-autotune: inductor times its own kernels against the vendor ones
+    inductor: tuple = ()  # (name, value) pairs of inductor's config, set while it compiles
 
 
 VARIANTS = {
@@ -51,6 +53,12 @@ VARIANTS = {
     "compiled + temporal 2-D (vidsynth's --compile on CUDA)": Variant(compiled=True, temporal_2d=True),
     "compiled + temporal 2-D + cudnn.benchmark": Variant(compiled=True, temporal_2d=True, cudnn_benchmark=True),
     "compiled with max-autotune + temporal 2-D": Variant(compiled=True, temporal_2d=True, autotune=True),
+    # Weights folded into the graph as constants, laid out once for the kernels that read them (as on the CPU).
+    "compiled + temporal 2-D + frozen weights": Variant(compiled=True, temporal_2d=True,
+                                                        inductor=(("freezing", True),)),
+    # Inductor tunes its generated kernels' block sizes by timing neighbours (cheaper than max-autotune).
+    "compiled + temporal 2-D + coordinate-descent tuning": Variant(compiled=True, temporal_2d=True,
+                                                                   inductor=(("coordinate_descent_tuning", True),)),
 }
 
 
@@ -72,11 +80,12 @@ def channels_last_convolutions(unet: torch.nn.Module):
             module.weight.data = weight
 
 
-def compiled_forward(unet: torch.nn.Module, autotune: bool = False):
+def compiled_forward(unet: torch.nn.Module, autotune: bool = False, inductor: tuple = ()):
     """A fresh torch.compile of the UNet as the pipeline compiles it on CUDA (or with max-autotune, which also
-    replays CUDA graphs). Prints whether inductor's heuristic stores the activations channels-last (it does so only
-    around 2-D convolutions), then the first call's time."""
+    replays CUDA graphs), with `inductor`'s config settings while it compiles. Prints whether inductor's heuristic
+    stores the activations channels-last (it does so only around 2-D convolutions), then the first call's time."""
     from torch._dynamo import reset
+    from torch._inductor import config as inductor_config
     from torch._inductor.graph import GraphLowering
 
     from vidsynth.caching import noise_prediction
@@ -103,7 +112,8 @@ def compiled_forward(unet: torch.nn.Module, autotune: bool = False):
         started = time.perf_counter()
         GraphLowering.decide_layout_opt = staticmethod(reported)
         try:
-            out = forward(*inputs)
+            with inductor_config.patch(dict(inductor)):  # compiling happens inside the first call
+                out = forward(*inputs)
         finally:
             GraphLowering.decide_layout_opt = staticmethod(decide)
         torch.cuda.synchronize()
@@ -175,7 +185,7 @@ def main() -> None:
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
                 if variant.compiled:
-                    forward = compiled_forward(unet, variant.autotune)
+                    forward = compiled_forward(unet, variant.autotune, variant.inductor)
                 else:
                     forward = CudaGraphedForward(plain) if variant.graph else plain
                 ms, out = timed(forward)
