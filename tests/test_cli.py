@@ -95,12 +95,13 @@ def test_commands_that_load_no_model_run_without_the_model_libraries(tmp_path):
         light = sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules)
         with contextlib.redirect_stdout(io.StringIO()):
             assert main(["models"]) == 0
-        listing = sorted(m for m in ("diffusers", "transformers") if m in sys.modules)
+        listing = sorted(m for m in ("diffusers", "transformers", "modelscope") if m in sys.modules)
         assert vidsynth.load.__module__ == "vidsynth.pipeline"
         print(json.dumps([light, listing]))
     """
+    no_modelscope_cache = {**os.environ, "MODELSCOPE_CACHE": str(tmp_path / "never-used")}  # nor its client, then
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "v.mp4")], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env=no_modelscope_cache)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [[], []]
 

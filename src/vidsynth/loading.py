@@ -266,7 +266,10 @@ def modelscope_snapshot(model_id: str) -> Path:
 
 def cached_modelscope_snapshot(model_id: str) -> tuple[Optional[Path], Optional[list[str]]]:
     """The ModelScope cache's copy of a model and the parts it lacks ([] when complete); (None, None) when none is
-    cached or the ModelScope client is not installed. Asks no hub."""
+    cached or the ModelScope client is not installed. Asks no hub, and imports no client (seconds) when there is no
+    ModelScope cache at all: the client keeps it under MODELSCOPE_CACHE, by default in ~/.cache/modelscope."""
+    if not Path(os.environ.get("MODELSCOPE_CACHE") or Path.home() / ".cache" / "modelscope").exists():
+        return None, None
     try:
         snapshot_download = _modelscope_client(model_id)
         cached = Path(snapshot_download(model_id, local_files_only=True))
