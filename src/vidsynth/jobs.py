@@ -147,8 +147,8 @@ class JobStore:
             "id": row["id"], "object": "video", "status": row["status"], "progress": round(row["progress"] * 100, 1),
             "phase": row["phase"], "queue_position": None, "outputs": row["outputs"],
             "created_at": row["created_at"], "started_at": row["started_at"], "completed_at": row["completed_at"],
-            "attempts": row["attempts"], "cancel_requested": bool(row["cancel_requested"]), "request": json.loads(row["request"]),
-            "warnings": json.loads(row["warnings"] or "[]"), "error": None,
+            "attempts": row["attempts"], "cancel_requested": bool(row["cancel_requested"]),
+            "request": json.loads(row["request"]), "warnings": json.loads(row["warnings"] or "[]"), "error": None,
         }
         if row["status"] == QUEUED:
             ahead = self._query("SELECT COUNT(*) AS n FROM jobs WHERE status = ? AND seq < ?", (QUEUED, row["seq"]))

@@ -213,9 +213,8 @@ class Pipeline:
         """Make every video the request asks for. Warnings reach the callback as events with a message; raise
         Cancelled from it to stop."""
         request, source = self._prepare(request)
-        scale = self.components.vae_scale_factor
         prompts, count = request.prompts, request.total_videos
-        latent_shape = (1, LATENT_CHANNELS, request.frames, request.height // scale, request.width // scale)
+        latent_shape = self.latent_shape(request)
         low_memory, memory_warning = self.memory_mode(latent_shape, request)
         for message in [*self.prompt_warnings(request), memory_warning]:
             if message:
@@ -253,10 +252,10 @@ class Pipeline:
         request's time: a few guided denoising steps of it, nothing decoded. `callback` may raise to stop it."""
         steps = 3 if self.device.type == "cuda" else 1  # a CUDA graph tree records a function on its second call
         request = self.prepare(GenerationRequest.create(prompt="", allow_empty_prompt=True, seed=0, steps=steps))
-        scale = self.components.vae_scale_factor
+        latent_shape = self.latent_shape(request)
         generator = torch.Generator("cpu").manual_seed(request.seed)
-        noise = initial_noise(generator, request.frames, request.height // scale, request.width // scale)
-        low_memory, memory_warning = self.memory_mode(noise.shape, request)
+        noise = initial_noise(generator, *latent_shape[2:])
+        low_memory, memory_warning = self.memory_mode(latent_shape, request)
         if memory_warning:
             emit(callback, Event("denoise", 0, 1, message=memory_warning))
         with torch.inference_mode():
@@ -296,6 +295,11 @@ class Pipeline:
             raise RequestError("strength", f"{request.strength} of {request.steps} steps is less than one step; "
                                f"raise strength or steps")
         return request, source[:request.frames]
+
+    def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int, int]:
+        """The shape of one video's latents: 1 x channels x frames x height x width."""
+        scale = self.components.vae_scale_factor
+        return 1, LATENT_CHANNELS, request.frames, request.height // scale, request.width // scale
 
     def prompt_warnings(self, request: GenerationRequest) -> list[str]:
         """What the person asking should know about the prompts: one the text encoder reads only the start of, and

@@ -74,7 +74,8 @@ class Job(BaseModel):
     completed_at: Optional[float]
     attempts: int = Field(description="runs started, counting those the server died during")
     cancel_requested: bool
-    request: dict[str, Any] = Field(description="the GenerationRequest, with the model's defaults and the seed filled in")
+    request: dict[str, Any] = Field(description="the GenerationRequest, with the model's defaults and the seed "
+                                                "filled in")
     warnings: list[str] = Field(description="what the generation warned of: a prompt cut short, words the model "
                                             "never saw, the low-memory mode")
     error: Optional[JobError]

@@ -191,8 +191,10 @@ function follow(id) {
   }
 }
 
+const content = (id, variant) => `/v1/videos/${id}/content?variant=${variant}`;
+
 function play(job) {
-  const url = `/v1/videos/${job.id}/content?variant=video`;
+  const url = content(job.id, "video");
   $("progress").value = 100;
   $("player").src = url;
   $("player").hidden = false;
@@ -200,7 +202,7 @@ function play(job) {
   $("download").href = url;
   $("download").download = `${job.id}.mp4`;
   $("download").hidden = false;
-  $("download-gif").href = `/v1/videos/${job.id}/content?variant=gif`;
+  $("download-gif").href = content(job.id, "gif");
   $("download-gif").download = `${job.id}.gif`;
   $("download-gif").hidden = false;
   $("start-from-this").hidden = false;
@@ -232,7 +234,7 @@ async function refreshHistory() {
     item.dataset.id = job.id;
     const thumbnail = document.createElement("img");
     thumbnail.alt = "";
-    if (job.status === "completed") thumbnail.src = `/v1/videos/${job.id}/content?variant=thumbnail`;
+    if (job.status === "completed") thumbnail.src = content(job.id, "thumbnail");
     thumbnail.addEventListener("click", () => show(job));
     const text = document.createElement("div");
     text.className = "text";
