@@ -4,12 +4,19 @@ Each client submits its jobs one after another (each with its own Idempotency-Ke
 as a client retrying after a timeout would), then polls until the job ends. Reports whether every job completed
 exactly once and how fast status requests were answered while the worker was busy. Prints a Markdown table.
 
+With `--watchers N` it measures instead what N event streams open on one job cost that job: jobs of the shipped
+model's own video run one at a time, alternately watched by N streams (`GET /v1/videos/{id}/events`) and by none;
+reports each side's median run time (the job's started_at to completed_at) and how late the streams received the
+step events (receipt minus the event's `time`).
+
     python benchmarks/server_load.py [--clients 20] [--jobs 10]
+    python benchmarks/server_load.py --watchers 50 [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -25,7 +32,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_name  # noqa: E402
+from machine import command_line, cpu_name  # noqa: E402
 
 TINY = {"prompt": "a green triangle moving right on a black background", "frames": 2, "steps": 1}
 
@@ -89,11 +96,53 @@ def run_load(url: str, clients: int, jobs_per_client: int, settings: dict = TINY
     }
 
 
+def watched_jobs(url: str, watchers: int, rounds: int, settings: dict) -> dict:
+    """Alternately: a job nobody watches, then a job `watchers` event streams watch. Returns run times and lags."""
+    run_seconds, lags = {0: [], watchers: []}, []
+    # The watchers' HTTP clients are made before any job: making fifty (TLS set-up included) takes CPU time that the
+    # job would otherwise lose to this process, not to the server.
+    clients = [httpx.Client(base_url=url, timeout=600) for _ in range(watchers + 1)]
+    try:
+        for round_index in range(rounds):
+            for count in (0, watchers):
+                job = clients[0].post("/v1/videos", json={**settings, "seed": round_index}).json()
+                threads = [threading.Thread(target=_watch, args=(client, job["id"], lags))
+                           for client in clients[1:count + 1]]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                while (finished := clients[0].get(f"/v1/videos/{job['id']}").json())["status"] not in (
+                        "completed", "failed", "canceled"):
+                    time.sleep(0.05)
+                run_seconds[count].append(finished["completed_at"] - finished["started_at"])
+    finally:
+        for client in clients:
+            client.close()
+    lags.sort()
+    return {"run_seconds": run_seconds, "lag_p50_ms": 1000 * statistics.median(lags),
+            "lag_p99_ms": 1000 * lags[int(0.99 * (len(lags) - 1))], "step_events": len(lags)}
+
+
+def _watch(client: httpx.Client, job_id: str, lags: list) -> None:
+    with client.stream("GET", f"/v1/videos/{job_id}/events") as response:
+        connected = time.time()
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                event = json.loads(line.removeprefix("data: "))
+                if event["event"] == "step" and event["time"] >= connected:  # not the ones replayed on joining
+                    lags.append(time.time() - event["time"])
+                if event["event"] in ("completed", "failed", "canceled", "deleted"):
+                    return
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=10)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--watchers", type=int, help="measure what this many event streams on a job cost it")
+    parser.add_argument("--rounds", type=int, default=5, help="with --watchers: jobs on each side")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as data:
         server = subprocess.Popen([sys.executable, "-m", "vidsynth.cli", "serve", "--port", str(args.port),
@@ -107,10 +156,22 @@ def main() -> None:
                     break
                 except httpx.TransportError:
                     time.sleep(0.1)
-            result = run_load(url, args.clients, args.jobs)
+            if args.watchers:
+                result = watched_jobs(url, args.watchers, args.rounds, {"prompt": TINY["prompt"]})
+            else:
+                result = run_load(url, args.clients, args.jobs)
         finally:
             server.terminate()
             server.wait(30)
+    if args.watchers:
+        print(f"Command: `{command_line()}`  \nMachine: {cpu_name()}, {os.cpu_count()} cores, Python "
+              f"{platform.python_version()}; date {date.today()}. Jobs: the shipped model's own video.\n")
+        print("| event streams on the job | median run time (s) | run times (s) |\n|---|---|---|")
+        for count, seconds in result["run_seconds"].items():
+            print(f"| {count} | {statistics.median(seconds):.3f} | {', '.join(f'{s:.3f}' for s in seconds)} |")
+        print(f"\nStep events received {result['lag_p50_ms']:.1f} ms (p50), {result['lag_p99_ms']:.1f} ms (p99) "
+              f"after the worker published them ({result['step_events']} receipts).")
+        return
     print(f"Command: `python benchmarks/server_load.py --clients {args.clients} --jobs {args.jobs}`  ")
     print(f"Machine: {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}; date {date.today()}. "
           f"Job settings: {TINY}.\n")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -13,6 +15,8 @@ import pytest
 from PIL import Image
 
 from conftest import LiveServer, read_events
+import vidsynth.server as server_module
+from vidsynth.jobs import JobChanges
 from vidsynth.request import MAX_FRAMES, MAX_SIDE, GenerationRequest
 from vidsynth.server import ServerSettings, create_app
 from vidsynth.video import read_frames
@@ -99,6 +103,60 @@ def test_submit_stream_poll_and_fetch(client):
     beyond = client.get(f"/v1/videos/{job['id']}/content", params={"index": 1})
     assert beyond.status_code == 422
     assert beyond.json()["error"]["fields"] == [{"field": "index", "message": "this job made 1 video(s)"}]
+
+
+def test_changes_wake_the_streams_of_their_job_from_any_thread():
+    async def scenario():
+        changes = JobChanges()
+        mine, others = changes.watch("video_a"), changes.watch("video_b")
+        threading.Thread(target=changes.notify, args=("video_a",)).start()
+        await changes.wait("video_a", mine, timeout=10)
+        assert mine.done() and not others.done()
+        threading.Thread(target=changes.notify).start()  # a status change: every stream looks again
+        await changes.wait("video_b", others, timeout=10)
+        assert others.done()
+        unchanged = changes.watch("video_a")
+        started = time.monotonic()
+        await changes.wait("video_a", unchanged, timeout=0.2)
+        assert time.monotonic() - started >= 0.2 and changes._waiting == {}  # timed out, and forgotten
+
+    asyncio.run(scenario())
+
+
+def test_event_streams_follow_a_queued_job_without_waiting_on_a_timer(client, monkeypatch):
+    """With the streams' recheck a minute away, a queued job's stream still moves at once through every change: a
+    job ahead deleted, the running one canceled, its own run's steps as they happen."""
+    monkeypatch.setattr(server_module, "EVENT_RECHECK_SECONDS", 60.0)
+    running, ahead, mine = submit(client, **SLOW), submit(client, **FAST), submit(client, **FAST)
+    wait_until_running(client, running["id"])
+    received = []  # (event, when it arrived)
+
+    def watch():
+        with httpx.Client(base_url=str(client.base_url), timeout=120) as own:
+            with own.stream("GET", f"/v1/videos/{mine['id']}/events") as response:
+                received.extend((event, time.time()) for event in read_events(response))
+
+    def wait_for_event(name: str) -> None:
+        deadline = time.monotonic() + 10  # a wake-up takes milliseconds; a missed one, the minute
+        while not any(event["event"] == name for event, _ in received):
+            assert time.monotonic() < deadline, f"no {name!r} event after {[e['event'] for e, _ in received]}"
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    wait_for_event("queued")
+    client.delete(f"/v1/videos/{ahead['id']}")
+    deadline = time.monotonic() + 10
+    while [event.get("queue_position") for event, _ in received] != [1, 0]:
+        assert time.monotonic() < deadline, f"the queue position never moved: {received}"
+        time.sleep(0.02)
+    client.post(f"/v1/videos/{running['id']}/cancel")
+    wait_for_event("completed")
+    names = [event["event"] for event, _ in received]
+    assert names.count("started") == 1 and names[-1] == "completed"
+    completed_at = received[-1][0]["time"]
+    first_step_arrived = next(arrived for event, arrived in received if event["event"] == "step")
+    assert first_step_arrived < completed_at  # streamed as it ran, not all at the end
 
 
 def test_a_reconnecting_event_stream_resumes_after_the_last_event_id(client):

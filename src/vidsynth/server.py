@@ -37,7 +37,7 @@ from .worker import TERMINAL_EVENTS, EventLog, Worker, with_start_file
 
 TOKEN_COOKIE = "vidsynth_token"
 KEEPALIVE_SECONDS = 15.0
-EVENT_POLL_SECONDS = 0.05
+EVENT_RECHECK_SECONDS = 1.0  # streams wake on changes (JobChanges); this bounds a missed one
 
 
 @dataclass
@@ -143,7 +143,7 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
             pipeline = await asyncio.to_thread(load, settings.model, **settings.runtime)
         store = JobStore(settings.data_dir)
         store.recover()
-        events = EventLog()
+        events = EventLog(store.changes)
         worker = Worker(pipeline, store, events, settings.keep_jobs)
         state.update(store=store, events=events, worker=worker)
         worker.start()
@@ -308,10 +308,11 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
 
     async def _event_stream(job_id: str, index: int):
         store, events = state["store"], state["events"]
-        last_position, announced_running = None, False
+        last_position, announced_running, seen_running_without_events = None, False, False
         loop = asyncio.get_running_loop()
         last_sent = loop.time()
         while True:
+            change = store.changes.watch(job_id)
             for event in events.since(job_id, index):
                 index += 1
                 announced_running = True
@@ -333,14 +334,17 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
                 last_sent = loop.time()
                 yield _sse({"event": "queued", "id": job_id, "time": time.time(), "queue_position": last_position})
             elif job["status"] != QUEUED and not announced_running:
-                # Joined while another process's run was underway (or before its first event): say where it is.
-                announced_running = True
-                yield _sse({"event": "started", "id": job_id, "time": job["started_at"], "progress": job["progress"],
-                            "phase": job["phase"]})
+                # Running without events: either the worker has claimed it and is about to say so (wait for that),
+                # or its events were dropped from the log (seen again at the next look): say where it is.
+                if seen_running_without_events:
+                    announced_running = True
+                    yield _sse({"event": "started", "id": job_id, "time": job["started_at"],
+                                "progress": job["progress"], "phase": job["phase"]})
+                seen_running_without_events = True
             if loop.time() - last_sent > KEEPALIVE_SECONDS:
                 last_sent = loop.time()
                 yield ": keep-alive\n\n"
-            await asyncio.sleep(EVENT_POLL_SECONDS)
+            await store.changes.wait(job_id, change, EVENT_RECHECK_SECONDS)
 
     # -------------------------------------------------------------------------------------------------- the page
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from .errors import Cancelled, RequestError, VidsynthError
 from .events import Event
-from .jobs import CANCELED, COMPLETED, FAILED, JobStore
+from .jobs import CANCELED, COMPLETED, FAILED, JobChanges, JobStore
 from .request import GenerationRequest
 from .video import write_video
 
@@ -32,7 +32,8 @@ EVENT_NAMES = {"encode_video": "start_video", "denoise": "step", "decode": "deco
 class EventLog:
     """What happened to each recent job, in order, for the event streams. Bounded: old jobs' logs are dropped."""
 
-    def __init__(self, jobs_kept: int = 256):
+    def __init__(self, changes: JobChanges, jobs_kept: int = 256):
+        self._changes = changes
         self._events: OrderedDict[str, list[dict]] = OrderedDict()
         self._lock = threading.Lock()
         self._jobs_kept = jobs_kept
@@ -44,6 +45,7 @@ class EventLog:
             events.append({"event": name, "id": job_id, "time": time.time(), **data})
             while len(self._events) > self._jobs_kept:
                 self._events.popitem(last=False)
+        self._changes.notify(job_id)
 
     def since(self, job_id: str, index: int) -> list[dict]:
         with self._lock:
