@@ -81,7 +81,8 @@ def test_generate_info_and_replay(tiny_model_dir, tmp_path, monkeypatch):
 def test_commands_that_load_no_model_run_without_the_model_libraries(tmp_path):
     """--help, --version and `info` import neither torch nor diffusers nor transformers (seconds of importing),
     `models` and `download` not the latter two; `import vidsynth` builds and validates requests without them, and
-    loads the pipeline when it is first asked for."""
+    loads the pipeline when it is first asked for. A command that loads a model refuses bad arguments before
+    importing the model libraries, so that a typo is answered at once."""
     Video(np.zeros((2, 8, 8, 3), np.uint8), 8, {"prompt": "p", "seed": 1}).save(tmp_path / "v.mp4")
     script = """if True:
         import contextlib, io, json, sys
@@ -96,14 +97,22 @@ def test_commands_that_load_no_model_run_without_the_model_libraries(tmp_path):
         with contextlib.redirect_stdout(io.StringIO()):
             assert main(["models"]) == 0
         listing = sorted(m for m in ("diffusers", "transformers", "modelscope") if m in sys.modules)
+        with contextlib.redirect_stderr(io.StringIO()) as refusals:
+            assert main(["generate", "a red circle", "--frames", "0"]) == 2
+            assert main(["generate", "a red circle", "-o", sys.argv[2]]) == 2
+            assert main(["generate", "a red circle", "--init-video", sys.argv[2]]) == 2
+            assert main(["eval", "--prompts", "0"]) == 2
+        assert refusals.getvalue().count("vidsynth: error:") == 4, refusals.getvalue()
+        refused = sorted(m for m in ("diffusers", "transformers") if m in sys.modules)
         assert vidsynth.load.__module__ == "vidsynth.pipeline"
-        print(json.dumps([light, listing]))
+        print(json.dumps([light, listing, refused]))
     """
     no_modelscope_cache = {**os.environ, "MODELSCOPE_CACHE": str(tmp_path / "never-used")}  # nor its client, then
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "v.mp4")], capture_output=True, text=True,
-                          timeout=120, env=no_modelscope_cache)
+    missing = tmp_path / "no-such-folder" / "v.mp4"
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "v.mp4"), str(missing)], capture_output=True,
+                          text=True, timeout=120, env=no_modelscope_cache)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == [[], []]
+    assert json.loads(done.stdout) == [[], [], []]
 
 
 def test_mp4_metadata_drives_info_and_default_names(tiny_model_dir, tmp_path):

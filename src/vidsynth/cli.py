@@ -37,9 +37,6 @@ class UsageError(VidsynthError):
 
 # Commands that start no processes or threads which outlive them: they may skip Python's shutdown (`entry_point`).
 ONE_SHOT_COMMANDS = ("generate", "eval", "convert", "info", "models", "download")
-# Commands that load no model: they run without importing torch's model libraries (seconds), torch itself only
-# where they need it.
-MODEL_FREE_COMMANDS = ("info", "models", "download")
 
 
 def entry_point() -> None:
@@ -65,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "compile", False):
         # Before torch._dynamo is imported (diffusers imports it), which sets inductor's default, under /tmp.
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_folder()))
-    _quiet_libraries(models=args.command not in MODEL_FREE_COMMANDS)
+    _quiet_warnings()
     try:
         return args.run(args) or 0
     except RequestError as exc:
@@ -88,20 +85,24 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _quiet_libraries(models: bool) -> None:
-    """Warnings as one line each; the model libraries' logging and loading bars off (`models`: importing them to
-    say so takes seconds, which commands that load no model do without)."""
+def _quiet_warnings() -> None:
+    """Warnings as one line each, the model libraries' logging off."""
     warnings.showwarning = lambda message, category, *rest: print(f"vidsynth: warning: {message}", file=sys.stderr)
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     for name in ("diffusers", "transformers", "huggingface_hub", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if models:
-        import diffusers.utils.logging
-        import transformers.utils.logging
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
+
+
+def _quiet_model_libraries() -> None:
+    """The model libraries' loading bars off. Called by each command just before it loads a model, once its own
+    arguments are checked: importing them takes seconds that a mistyped command should not wait for (BENCHMARKS.md,
+    "The shipped model on a laptop-class CPU")."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,9 +286,8 @@ def _slug(text: str) -> str:
 
 
 def run_generate(args) -> int:
-    from .pipeline import load, read_start_video
     from .progress import ProgressBar
-    from .video import check_output_path
+    from .video import check_output_path, read_start_video
 
     request, model = request_from_args(args)
     check_output_path(args.output or "video.mp4")  # fail on a bad path before loading anything
@@ -297,6 +297,8 @@ def run_generate(args) -> int:
         for path in output_paths(args.output, [None] * request.total_videos):
             check_output_path(path)
     _status(f"loading {model or 'the shipped model'}...", args)
+    _quiet_model_libraries()
+    from .pipeline import load
     pipeline = load(model, **_runtime(args))
     if args.compile:
         _status("the first step compiles the UNet for this video's size: minutes the first time, less in later runs",
@@ -333,6 +335,7 @@ def run_convert(args) -> int:
         raise OutputError(f"{destination} already exists and is not an empty folder")
     if not destination.parent.is_dir():
         raise OutputError(f"output directory {destination.parent} does not exist")
+    _quiet_model_libraries()
     components = load_components(args.source)
     partial = new_path_beside(destination, folder=True)
     try:
@@ -401,12 +404,13 @@ def run_download(args) -> int:
 
 
 def run_eval(args) -> int:
+    if args.prompts < 1 or args.seeds < 1:
+        raise UsageError("--prompts and --seeds must be at least 1")
+    _quiet_model_libraries()
     from .evaluate import default_specs, evaluate, format_table, write_json
     from .pipeline import load
     from .progress import ProgressBar
 
-    if args.prompts < 1 or args.seeds < 1:
-        raise UsageError("--prompts and --seeds must be at least 1")
     settings = {k: getattr(args, k) for k in ("steps", "guidance", "scheduler", "preset") if getattr(args, k) is not None}
     pipeline = load(args.model, **_runtime(args))
     with ProgressBar() as bar:
@@ -437,6 +441,7 @@ def run_serve(args) -> int:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot use --data-dir {args.data_dir}: {exc.strerror or exc}") from None
+    _quiet_model_libraries()
     serve(settings, host=args.host, port=args.port)
     return 0
 
@@ -450,6 +455,7 @@ def run_train(args) -> int:
                            checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
                            precision=args.precision, device=args.device, workers=args.workers, seed=args.seed,
                            resume=args.resume)
+    _quiet_model_libraries()
     try:
         path = train(options)
     except KeyboardInterrupt:

@@ -24,12 +24,12 @@ from .cpu_memory import available_memory_bytes, free_memory_handed_back, freed_m
 from .cuda_graphs import CudaGraphedForward
 from .data import caption_words
 from .devices import OFFLOAD_MODES, dtype_name, resolve_device, resolve_dtype
-from .errors import InputError, NumericalError, RequestError
+from .errors import NumericalError, RequestError
 from .events import Callback, Event, emit
 from .loading import Components, load_components
 from .request import MAX_FPS, MAX_FRAMES, GenerationRequest
 from .schedulers import make_scheduler
-from .video import Video, Videos, read_frames
+from .video import Video, Videos, read_start_video
 
 LATENT_CHANNELS = 4
 # ms-1.7b in float32 on the CPU held 2.6 GiB beyond its weights at 16 frames 256x256 and 7.2-10.0 GiB at 64 frames
@@ -55,15 +55,6 @@ def load(model: Optional[str] = None, *, device: str = "auto", dtype: str = "aut
     components = load_components(model, dtype=torch_dtype)
     return Pipeline(components, torch_device, torch_dtype, offload=offload, forward_chunking=forward_chunking,
                     compile=compile, decode_chunk=decode_chunk)
-
-
-def read_start_video(path: str, limit: int = MAX_FRAMES + 1) -> tuple[np.ndarray, Optional[float]]:
-    """The frames and frame rate of a video to start from, by default up to one more frame than a request may make
-    (enough to tell a video that is too long); RequestError naming init_video if it cannot be read."""
-    try:
-        return read_frames(path, limit=limit)
-    except InputError as exc:
-        raise RequestError("init_video", str(exc)) from None
 
 
 def initial_noise(generator: torch.Generator, frames: int, latent_height: int, latent_width: int,

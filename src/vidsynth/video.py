@@ -24,7 +24,8 @@ import av
 import numpy as np
 from PIL import Image
 
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, RequestError
+from .request import MAX_FRAMES
 
 VIDEO_FORMATS = {".mp4": "libx264", ".webm": "libvpx-vp9"}
 FILE_FORMATS = (*VIDEO_FORMATS, ".gif", ".npy")
@@ -243,6 +244,15 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise OutputError(f"{path} is not valid JSON: {exc}") from None
+
+
+def read_start_video(path: str, limit: int = MAX_FRAMES + 1) -> tuple[np.ndarray, Optional[float]]:
+    """The frames and frame rate of a video to start from, by default up to one more frame than a request may make
+    (enough to tell a video that is too long); RequestError naming init_video if it cannot be read."""
+    try:
+        return read_frames(path, limit=limit)
+    except InputError as exc:
+        raise RequestError("init_video", str(exc)) from None
 
 
 def read_frames(path: PathLike, limit: Optional[int] = None) -> tuple[np.ndarray, Optional[float]]:
