@@ -286,10 +286,12 @@ def _slug(text: str) -> str:
 
 
 def run_generate(args) -> int:
+    from .loading import model_source
     from .progress import ProgressBar
     from .video import check_output_path, read_start_video
 
     request, model = request_from_args(args)
+    model_source(model)  # a mistyped model name is refused before anything loads
     check_output_path(args.output or "video.mp4")  # fail on a bad path before loading anything
     if request.init_video is not None:
         read_start_video(request.init_video, limit=1)  # readable at all; the pipeline reads what it uses
@@ -327,7 +329,7 @@ def run_convert(args) -> int:
 
     import torch
 
-    from .loading import load_components, save_model_folder
+    from .loading import load_components, model_source, save_model_folder
     from .video import new_path_beside
 
     destination = Path(args.destination)
@@ -335,6 +337,7 @@ def run_convert(args) -> int:
         raise OutputError(f"{destination} already exists and is not an empty folder")
     if not destination.parent.is_dir():
         raise OutputError(f"output directory {destination.parent} does not exist")
+    model_source(args.source)
     _quiet_model_libraries()
     components = load_components(args.source)
     partial = new_path_beside(destination, folder=True)
@@ -406,6 +409,8 @@ def run_download(args) -> int:
 def run_eval(args) -> int:
     if args.prompts < 1 or args.seeds < 1:
         raise UsageError("--prompts and --seeds must be at least 1")
+    from .loading import model_source
+    model_source(args.model)
     _quiet_model_libraries()
     from .evaluate import default_specs, evaluate, format_table, write_json
     from .pipeline import load
@@ -441,6 +446,8 @@ def run_serve(args) -> int:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot use --data-dir {args.data_dir}: {exc.strerror or exc}") from None
+    from .loading import model_source
+    model_source(args.model)
     _quiet_model_libraries()
     serve(settings, host=args.host, port=args.port)
     return 0

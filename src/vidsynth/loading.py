@@ -59,32 +59,45 @@ class ModelLocation:
     known: Optional[KnownModel] = None
 
 
-def locate(reference: Optional[str], *, half_precision: bool = False) -> ModelLocation:
-    """Turn a --model reference into a local folder, downloading into the hub cache what it lacks."""
+def model_source(reference: Optional[str]) -> tuple[str, str, Optional[KnownModel]]:
+    """Where a --model reference points, fetching nothing: (kind, target, known model) with kind "package", "hf",
+    "modelscope" or "folder". ModelError for a reference that points nowhere, so a command can refuse it before
+    loading anything."""
     reference = reference or SHIPPED_MODEL
     known = KNOWN_MODELS.get(reference) or HUB_IDS.get(reference.removeprefix("modelscope:"))
     if known:
         kind, target = known.source.split(":", 1)
-        if kind == "package":
-            path = package_model_path(target)
-            if not path.is_dir():
-                raise ModelError(f"the shipped model is missing from this installation ({path}); reinstall vidsynth")
-        elif kind == "hf":
-            path = hf_snapshot(target, half_precision)
-        else:
-            path = modelscope_snapshot(target)
-        return ModelLocation(path, known.alias, known)
+        return kind, target, known
     if reference.startswith("modelscope:"):
-        return ModelLocation(modelscope_snapshot(reference.split(":", 1)[1]), reference)
+        return "modelscope", reference.split(":", 1)[1], None
     path = Path(reference).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelError(f"{reference} is a file; --model takes a model folder (diffusers or ModelScope layout)")
-        return ModelLocation(path, str(path.resolve()))  # the full path, so `generate --from` finds it again
+        return "folder", str(path), None
     if _looks_like_repo_id(reference):
-        return ModelLocation(hf_snapshot(reference, half_precision), reference)
+        return "hf", reference, None
     raise ModelError(f"model {reference!r} not found: no such folder, and not a known alias "
                      f"({', '.join(KNOWN_MODELS)}) or a hub id like owner/name")
+
+
+def locate(reference: Optional[str], *, half_precision: bool = False) -> ModelLocation:
+    """Turn a --model reference into a local folder, downloading into the hub cache what it lacks."""
+    kind, target, known = model_source(reference)
+    if kind == "package":
+        path = package_model_path(target)
+        if not path.is_dir():
+            raise ModelError(f"the shipped model is missing from this installation ({path}); reinstall vidsynth")
+    elif kind == "hf":
+        path = hf_snapshot(target, half_precision)
+    elif kind == "modelscope":
+        path = modelscope_snapshot(target)
+    else:
+        path = Path(target)
+    if known:
+        return ModelLocation(path, known.alias, known)
+    # A folder by its full path, so that `generate --from` finds it again; a hub model by its id.
+    return ModelLocation(path, str(path.resolve()) if kind == "folder" else reference)
 
 
 def _looks_like_repo_id(reference: str) -> bool:
