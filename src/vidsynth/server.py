@@ -313,13 +313,17 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
         last_sent = loop.time()
         while True:
             change = store.changes.watch(job_id)
-            for event in events.since(job_id, index):
+            new_events = events.since(job_id, index)
+            for event in new_events:
                 index += 1
                 announced_running = True
                 last_sent = loop.time()
                 yield _sse(event, sequence=index)
                 if event["event"] in TERMINAL_EVENTS:
                     return
+            if new_events:  # the job is running here and said so itself: nothing to ask the database
+                await store.changes.wait(job_id, change, EVENT_RECHECK_SECONDS)
+                continue
             job = store.get(job_id)
             if job is None:
                 yield _sse({"event": "deleted", "id": job_id, "time": time.time()})
