@@ -108,6 +108,20 @@ def test_fast_paths_match_the_plain_path(tiny_model_dir, tiny_pipeline):
     assert {shape[0] == 1 for shape in feed_forward_inputs} == {True, False}
 
 
+def test_decoding_in_chunks_gives_the_vaes_pixels_rounded_to_the_nearest_level(tiny_model_dir):
+    pipeline = vidsynth.load(str(tiny_model_dir), device="cpu", dtype="float32", decode_chunk=2)
+    latents = torch.randn(1, 4, 5, 4, 4, generator=torch.Generator().manual_seed(0))
+    chunks = []
+    frames = pipeline.decode(latents, lambda done, total: chunks.append((done, total)))
+    vae = pipeline.components.vae
+    with torch.no_grad():
+        pixels = vae.decode(latents[0].permute(1, 0, 2, 3) / vae.config.scaling_factor).sample
+    expected = np.rint(np.clip((pixels.permute(0, 2, 3, 1).numpy() + 1) / 2, 0, 1) * 255)
+    assert chunks == [(1, 3), (2, 3), (3, 3)] and frames.dtype == np.uint8 and frames.flags.c_contiguous
+    # Up to float rounding between decoding 2 frames and 5 at once: a pixel on a level's edge may fall either way.
+    assert np.abs(frames.astype(int) - expected).max() <= 1 and (frames == expected).mean() > 0.99
+
+
 def test_long_prompt_is_truncated_with_a_warning(tiny_pipeline):
     long_prompt = "a red circle moving left " * 30
     with pytest.warns(UserWarning, match="only the first 77"):
