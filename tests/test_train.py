@@ -103,14 +103,14 @@ def test_training_on_a_folder_of_captioned_videos(tmp_path):
 
 def test_bad_datasets_fail_clearly(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert main(["train", "--out", str(tmp_path / "run"), "--architecture", "micro", "--data", str(tmp_path / "empty")]) == 1
+    assert main(["train", "--out", str(tmp_path / "run"), "--architecture", "micro", "--data", str(tmp_path / "empty")]) == 2
     assert "holds no videos" in capsys.readouterr().err
     (tmp_path / "nocaption").mkdir()
     write_video(tmp_path / "nocaption" / "x.mp4", np.zeros((4, 16, 16, 3), np.uint8), 8, {}, sidecar=False)
     assert main(["train", "--out", str(tmp_path / "run"), "--architecture", "micro", "--data",
-                 str(tmp_path / "nocaption")]) == 1
+                 str(tmp_path / "nocaption")]) == 2
     assert "no caption file" in capsys.readouterr().err
-    assert not (tmp_path / "run" / "model").exists()
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -120,9 +120,18 @@ def test_bad_datasets_fail_clearly(tmp_path, capsys):
     ("--max-minutes", "-1", "--max-minutes must not be negative"),
     ("--pure-noise-fraction", "1.5", "--pure-noise-fraction must be between 0 and 1")])
 def test_bad_training_settings_fail_clearly(tmp_path, capsys, flag, value, message):
-    assert main(["train", "--out", str(tmp_path / "run"), "--architecture", "micro", flag, value]) == 1
+    assert main(["train", "--out", str(tmp_path / "run"), "--architecture", "micro", flag, value]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_that_cannot_be_made_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    for out, message in [(tmp_path / "a-file", "is a file; give a folder for the run"),
+                         (tmp_path / "a-file" / "run", "cannot create the run folder")]:
+        assert main(["train", "--out", str(out), "--architecture", "micro", "--vae-steps", "1000"]) == 2
+        error = capsys.readouterr().err
+        assert message in error and "VAE" not in error  # no training step ran
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import __version__
 from .devices import DEVICE_CHOICES, DTYPE_CHOICES, OFFLOAD_MODES
-from .errors import OutputError, RequestError, VidsynthError
+from .errors import OutputError, RequestError, UsageError, VidsynthError
 from .request import PRESETS, SCHEDULERS, GenerationRequest
 
 # GenerationRequest field -> the CLI flag that sets it, so errors name what the user typed.
@@ -29,10 +29,6 @@ FLAGS = {
 }
 REPLAYED = ("prompt", "negative_prompt", "seed", "frames", "height", "width", "steps", "guidance", "scheduler", "eta",
             "fps", "cache_interval", "guidance_fraction", "init_video", "strength")
-
-
-class UsageError(VidsynthError):
-    exit_code = 2
 
 
 # Commands that start no processes or threads which outlive them: they may skip Python's shutdown (`entry_point`).

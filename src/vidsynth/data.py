@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from .errors import InputError, VidsynthError
+from .errors import InputError
 
 COLORS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 90, 230), "yellow": (240, 220, 40),
@@ -164,20 +164,20 @@ class VideoFolder:
     def __init__(self, folder: Path, frames: int, size: int, seed: int = 0):
         folder = Path(folder)
         if not folder.is_dir():
-            raise VidsynthError(f"dataset folder {folder} does not exist or is not a folder")
+            raise InputError(f"dataset folder {folder} does not exist or is not a folder")
         videos = sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
         if not videos:
-            raise VidsynthError(f"dataset folder {folder} holds no videos ({', '.join(VIDEO_SUFFIXES)})")
+            raise InputError(f"dataset folder {folder} holds no videos ({', '.join(VIDEO_SUFFIXES)})")
         uncaptioned = [p.name for p in videos if not p.with_suffix(".txt").is_file()]
         if uncaptioned:
-            raise VidsynthError(f"{len(uncaptioned)} videos have no caption file (<name>.txt beside them): "
+            raise InputError(f"{len(uncaptioned)} videos have no caption file (<name>.txt beside them): "
                                 f"{', '.join(uncaptioned[:5])}")
         self.frames, self.size = frames, size
         self.items = []
         for path in videos:
             caption = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
             if not caption:
-                raise VidsynthError(f"caption file {path.with_suffix('.txt').name} is empty")
+                raise InputError(f"caption file {path.with_suffix('.txt').name} is empty")
             self.items.append((self._load(path), caption))
         self.rng = np.random.default_rng(seed)
 
@@ -186,7 +186,7 @@ class VideoFolder:
         try:
             video, _ = read_frames(path)
         except InputError as exc:
-            raise VidsynthError(f"cannot read video {path.name}: {exc}") from None
+            raise InputError(f"cannot read video {path.name}: {exc}") from None
         if len(video) < self.frames:
             video = np.concatenate([video, np.repeat(video[-1:], self.frames - len(video), axis=0)])
         indices = np.linspace(0, len(video) - 1, self.frames).round().astype(int)

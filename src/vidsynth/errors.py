@@ -18,6 +18,12 @@ class RequestError(VidsynthError, ValueError):
         self.message = message
 
 
+class UsageError(VidsynthError):
+    """A command's option is invalid or contradicts another (the generation request's fields raise RequestError)."""
+
+    exit_code = 2
+
+
 class ModelError(VidsynthError):
     """A model cannot be found, resolved, or loaded (missing files, wrong layout, corrupt or unsafe weights)."""
 
@@ -37,7 +43,7 @@ class OutputError(VidsynthError):
 
 
 class InputError(VidsynthError):
-    """A video to start from cannot be read (missing, not a video, no frames)."""
+    """An input cannot be read: a video to start from (missing, not a video, no frames), a training dataset."""
 
     exit_code = 2
 

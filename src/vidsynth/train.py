@@ -26,7 +26,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from .data import ClipStream, ProceduralClips, VideoFolder, vocabulary
 from .devices import resolve_device
-from .errors import VidsynthError
+from .errors import OutputError, UsageError, VidsynthError
 from .loading import Components, load_components, save_model_folder
 from .modelscope_format import openclip_tokenizer
 from .request import ModelDefaults
@@ -110,18 +110,18 @@ class TrainOptions:
         for name, minimum in at_least.items():
             value = getattr(self, name)
             if value is not None and value < minimum:
-                raise VidsynthError(f"--{name.replace('_', '-')} must be {minimum} or more (got {value})")
+                raise UsageError(f"--{name.replace('_', '-')} must be {minimum} or more (got {value})")
         for name in ("lr", "vae_lr", "text_lr"):
             if not getattr(self, name) > 0:
-                raise VidsynthError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
+                raise UsageError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
         if self.max_minutes is not None and self.max_minutes < 0:
-            raise VidsynthError(f"--max-minutes must not be negative (got {self.max_minutes})")
+            raise UsageError(f"--max-minutes must not be negative (got {self.max_minutes})")
         if not 0 <= self.pure_noise_fraction <= 1:
-            raise VidsynthError(f"--pure-noise-fraction must be between 0 and 1 (got {self.pure_noise_fraction})")
+            raise UsageError(f"--pure-noise-fraction must be between 0 and 1 (got {self.pure_noise_fraction})")
         if self.new_text_encoder and not self.init:
-            raise VidsynthError("--new-text-encoder applies to fine-tuning (--init); from scratch every encoder is new")
+            raise UsageError("--new-text-encoder applies to fine-tuning (--init); from scratch every encoder is new")
         if self.new_text_encoder and self.text_steps == 0:
-            raise VidsynthError("--new-text-encoder needs --text-steps above 0: an untrained encoder reads no words")
+            raise UsageError("--new-text-encoder needs --text-steps above 0: an untrained encoder reads no words")
 
 
 def sample_timesteps(count: int, total: int, pure_noise_fraction: float, device=None) -> torch.Tensor:
@@ -201,6 +201,19 @@ def _same_architecture(components: Components, arch: Architecture) -> bool:
     return architecture_of(components) == wanted
 
 
+def make_run_folder(path: Path) -> None:
+    """Create the run folder before any training, so that a path that cannot hold it is refused now rather than at
+    the first checkpoint, minutes or hours in."""
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"--out {path} is a file; give a folder for the run")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the run folder --out {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputError(f"the run folder --out {path} is not writable")
+
+
 class Trainer:
     def __init__(self, options: TrainOptions):
         self.options = options
@@ -213,6 +226,7 @@ class Trainer:
         self.components, self.arch = self._initial_components()
         self.fine_tuning = options.init is not None
         self.data = self._data()
+        make_run_folder(self.run_dir)  # the inputs are checked: now the output, before any training
         if self.components.vocabulary is not None:  # None: a model trained elsewhere, on captions unknown here
             self.components.vocabulary |= vocabulary(self.data.data.captions)
         self.loaders = {}  # batch size -> batch iterator
@@ -243,7 +257,7 @@ class Trainer:
 
     def _precision(self, name: str):
         if name not in ("auto", "fp32", "bf16", "fp16"):
-            raise VidsynthError(f"unknown precision {name!r}; choose auto, fp32, bf16 or fp16")
+            raise UsageError(f"unknown precision {name!r}; choose auto, fp32, bf16 or fp16")
         if name == "auto":
             if self.device.type == "cuda":
                 name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -262,14 +276,14 @@ class Trainer:
         options = self.options
         requested = ARCHITECTURES.get(options.architecture or "tiny")
         if requested is None:
-            raise VidsynthError(f"unknown architecture {options.architecture!r}; choose from {', '.join(ARCHITECTURES)}")
+            raise UsageError(f"unknown architecture {options.architecture!r}; choose from {', '.join(ARCHITECTURES)}")
         if self._resuming:
             saved = json.loads((self.checkpoint_dir / TRAINING_STATE / "progress.json").read_text())
             if saved.get("format") != STATE_FORMAT:
-                raise VidsynthError(f"{self.checkpoint_dir} was written by an older vidsynth and cannot be resumed; "
+                raise UsageError(f"{self.checkpoint_dir} was written by an older vidsynth and cannot be resumed; "
                                     f"use another --out, or --no-resume to start over there")
             if options.architecture and saved["architecture_name"] != options.architecture:
-                raise VidsynthError(f"{self.checkpoint_dir} was trained as {saved['architecture_name']!r}, not "
+                raise UsageError(f"{self.checkpoint_dir} was trained as {saved['architecture_name']!r}, not "
                                     f"{options.architecture!r}; use another --out or the same architecture")
             self.progress = saved["progress"]
             options.init = saved["init"]
@@ -279,7 +293,7 @@ class Trainer:
         if options.init:
             components = load_components(options.init)
             if options.architecture and not _same_architecture(components, requested):
-                raise VidsynthError(f"--init model {options.init} does not have the {options.architecture!r} "
+                raise UsageError(f"--init model {options.init} does not have the {options.architecture!r} "
                                     f"architecture ({architecture_of(components)}); drop --architecture to fine-tune it as it is")
             if options.new_text_encoder:
                 # For a model whose encoder lost words: retraining that encoder separates them less than a new one.
@@ -487,7 +501,6 @@ class Trainer:
         partial = self.run_dir / f".{CHECKPOINT}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             self.ema.store(self.parameters)
             self.ema.copy_to(self.parameters)
             try:
