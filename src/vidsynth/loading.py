@@ -73,7 +73,7 @@ def model_source(reference: Optional[str]) -> tuple[str, str, Optional[KnownMode
     path = Path(reference).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ModelError(f"{reference} is a file; --model takes a model folder (diffusers or ModelScope layout)")
+            raise ModelError(f"{reference} is a file; a model is a folder (diffusers or ModelScope layout)")
         return "folder", str(path), None
     if _looks_like_repo_id(reference):
         return "hf", reference, None
