@@ -1,5 +1,7 @@
 """The procedural dataset, and the vision check of `vidsynth eval` against clips whose truth is known."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -72,3 +74,13 @@ def test_video_folder_needs_captions_and_readable_videos(tmp_path):
     (tmp_path / "b.mp4").unlink()
     frames, caption = VideoFolder(tmp_path, 4, 32).sample()
     assert frames.shape == (4, 32, 32, 3) and caption.startswith("a red circle")
+
+
+def test_eval_prints_its_table_and_writes_its_json(tmp_path, capsys):
+    from vidsynth.cli import main
+    assert main(["eval", "--prompts", "1", "--seeds", "2", "--json", str(tmp_path / "scores.json")]) == 0
+    assert "| colour |" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "scores.json").read_text())
+    assert summary["samples"] == 2 and [r["seed"] for r in summary["results"]] == [0, 1]
+    assert 0 <= summary["color_accuracy"] <= 1
+    assert [path.name for path in tmp_path.iterdir()] == ["scores.json"]  # written whole, nothing beside it

@@ -406,7 +406,10 @@ def run_eval(args) -> int:
     if args.prompts < 1 or args.seeds < 1:
         raise UsageError("--prompts and --seeds must be at least 1")
     from .loading import model_source
+    from .video import check_file_path
     model_source(args.model)
+    if args.json_path:
+        check_file_path(args.json_path)  # now, not after minutes of evaluating
     _quiet_model_libraries()
     from .evaluate import default_specs, evaluate, format_table, write_json
     from .pipeline import load

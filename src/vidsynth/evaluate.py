@@ -19,6 +19,7 @@ import numpy as np
 
 from .data import BACKGROUNDS, COLORS, DIRECTIONS, ClipSpec, evaluation_specs
 from .request import GenerationRequest, MAX_PROMPTS
+from .video import atomic_file
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background that counts as shape
 FILL_RATIO = {"square": 0.95, "circle": 0.78, "triangle": 0.5}
@@ -144,4 +145,5 @@ def default_specs(count: int) -> list[ClipSpec]:
 
 
 def write_json(summary: dict, path: Path) -> None:
-    Path(path).write_text(json.dumps(summary, indent=2) + "\n")
+    with atomic_file(Path(path).expanduser()) as temporary:
+        Path(temporary).write_text(json.dumps(summary, indent=2) + "\n")

@@ -90,17 +90,28 @@ def output_kind(path: PathLike) -> str:
 def check_output_path(path: PathLike) -> Path:
     """Fail before any work is done if `path` cannot be written."""
     path = Path(path).expanduser()
-    output_kind(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"output directory {parent} is not writable")
-    if path.is_dir() and output_kind(path) != "png":
-        raise OutputError(f"{path} is a directory")
-    if output_kind(path) == "png" and path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if output_kind(path) != "png":
+        return check_file_path(path)
+    _check_writable_folder(path.parent)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise OutputError(f"{path} already exists and is not an empty folder")
     return path
+
+
+def check_file_path(path: PathLike) -> Path:
+    """Fail before any work is done if a file cannot be written at `path` (any kind of file)."""
+    path = Path(path).expanduser()
+    _check_writable_folder(path.parent)
+    if path.is_dir():
+        raise OutputError(f"{path} is a directory")
+    return path
+
+
+def _check_writable_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise OutputError(f"output directory {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"output directory {folder} is not writable")
 
 
 def sidecar_path(path: Path) -> Path:
