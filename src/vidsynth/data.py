@@ -171,7 +171,7 @@ class VideoFolder:
         uncaptioned = [p.name for p in videos if not p.with_suffix(".txt").is_file()]
         if uncaptioned:
             raise InputError(f"{len(uncaptioned)} videos have no caption file (<name>.txt beside them): "
-                                f"{', '.join(uncaptioned[:5])}")
+                             f"{', '.join(uncaptioned[:5])}")
         self.frames, self.size = frames, size
         self.items = []
         for path in videos:

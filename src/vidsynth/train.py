@@ -281,10 +281,10 @@ class Trainer:
             saved = json.loads((self.checkpoint_dir / TRAINING_STATE / "progress.json").read_text())
             if saved.get("format") != STATE_FORMAT:
                 raise UsageError(f"{self.checkpoint_dir} was written by an older vidsynth and cannot be resumed; "
-                                    f"use another --out, or --no-resume to start over there")
+                                 f"use another --out, or --no-resume to start over there")
             if options.architecture and saved["architecture_name"] != options.architecture:
                 raise UsageError(f"{self.checkpoint_dir} was trained as {saved['architecture_name']!r}, not "
-                                    f"{options.architecture!r}; use another --out or the same architecture")
+                                 f"{options.architecture!r}; use another --out or the same architecture")
             self.progress = saved["progress"]
             options.init = saved["init"]
             arch = Architecture(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["architecture"].items()})
@@ -294,7 +294,7 @@ class Trainer:
             components = load_components(options.init)
             if options.architecture and not _same_architecture(components, requested):
                 raise UsageError(f"--init model {options.init} does not have the {options.architecture!r} "
-                                    f"architecture ({architecture_of(components)}); drop --architecture to fine-tune it as it is")
+                                 f"architecture ({architecture_of(components)}); drop --architecture to fine-tune it as it is")
             if options.new_text_encoder:
                 # For a model whose encoder lost words: retraining that encoder separates them less than a new one.
                 components.text_encoder = CLIPTextModel(components.text_encoder.config)
