@@ -453,6 +453,10 @@ def run_serve(args) -> int:
 
 
 def run_train(args) -> int:
+    if args.init:
+        from .loading import model_source
+        model_source(args.init)  # a mistyped model name is refused before the model libraries load
+    _quiet_model_libraries()
     from .train import CHECKPOINT, TrainOptions, train
     options = TrainOptions(out=Path(args.out), architecture=args.architecture, init=args.init, data=args.data,
                            steps=args.steps, vae_steps=args.vae_steps, text_steps=args.text_steps,
@@ -461,7 +465,6 @@ def run_train(args) -> int:
                            checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
                            precision=args.precision, device=args.device, workers=args.workers, seed=args.seed,
                            resume=args.resume)
-    _quiet_model_libraries()
     try:
         path = train(options)
     except KeyboardInterrupt:
