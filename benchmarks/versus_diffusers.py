@@ -157,6 +157,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed runs of each pipeline")
     parser.add_argument("--compile", action="store_true", help="vidsynth with --compile (its compile time is in the "
                         "warm-up run)")
+    parser.add_argument("--decode-chunk", type=int, help="frames vidsynth's VAE decodes at a time (default: its own "
+                        "choice for the device; diffusers decodes all at once)")
     parser.add_argument("--reference-dtype", help="with --model: also make the video once with vidsynth in this dtype "
                         "(float32) and report how far each pipeline's video is from it")
     parser.add_argument("--json", dest="json_path")
@@ -174,7 +176,7 @@ def main() -> None:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     components = components_for(args, dtype, device)
-    ours = Pipeline(components, device, dtype, compile=args.compile)
+    ours = Pipeline(components, device, dtype, compile=args.compile, decode_chunk=args.decode_chunk)
     theirs = TextToVideoSDPipeline(vae=components.vae, text_encoder=components.text_encoder,
                                    tokenizer=components.tokenizer, unet=components.unet,
                                    scheduler=DDIMScheduler.from_config(components.schedule or MODELSCOPE_SCHEDULE))
@@ -237,7 +239,8 @@ def main() -> None:
             summary[name]["fraction_of_peak"] = summary[name]["tflops"] / peak if peak else None
     report = {"date": str(date.today()), "machine": gpu or f"{cpu_name()}, {os.cpu_count()} cores",
               "torch": torch.__version__, "python": platform.python_version(), "model": components.name,
-              "dtype": dtype_name(dtype), "settings": settings, "runs": args.runs, "warmup": warmup,
+              "dtype": dtype_name(dtype), "settings": settings, "decode_chunk": ours.frames_per_chunk(args.height, args.width),
+              "runs": args.runs, "warmup": warmup,
               "results": results, "median": summary, "max_pixel_difference": difference,
               "mean_pixel_difference": mean_difference,
               "mean_pixel_value": {name: float(frames.mean()) for name, frames in outputs.items()},
