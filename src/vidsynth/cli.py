@@ -91,10 +91,13 @@ def _quiet_warnings() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _quiet_model_libraries() -> None:
-    """The model libraries' loading bars off. Called by each command just before it loads a model, once its own
-    arguments are checked: importing them takes seconds that a mistyped command should not wait for (BENCHMARKS.md,
-    "The shipped model on a laptop-class CPU")."""
+def _before_loading(model: str | None) -> None:
+    """What every command that loads a model does once its own arguments are checked: refuse a model reference that
+    points nowhere, then import the model libraries and turn their loading bars off. In that order, because importing
+    them takes seconds that a mistyped command should not wait for (BENCHMARKS.md, "The shipped model on a
+    laptop-class CPU")."""
+    from .loading import model_source
+    model_source(model)
     import diffusers.utils.logging
     import transformers.utils.logging
     diffusers.utils.logging.disable_progress_bar()
@@ -282,20 +285,18 @@ def _slug(text: str) -> str:
 
 
 def run_generate(args) -> int:
-    from .loading import model_source
     from .progress import ProgressBar
     from .video import check_output_path, read_start_video
 
     request, model = request_from_args(args)
-    model_source(model)  # a mistyped model name is refused before anything loads
     check_output_path(args.output or "video.mp4")  # fail on a bad path before loading anything
     if request.init_video is not None:
         read_start_video(request.init_video, limit=1)  # readable at all; the pipeline reads what it uses
     if args.output and request.total_videos > 1:
         for path in output_paths(args.output, [None] * request.total_videos):
             check_output_path(path)
+    _before_loading(model)
     _status(f"loading {model or 'the shipped model'}...", args)
-    _quiet_model_libraries()
     from .pipeline import load
     pipeline = load(model, **_runtime(args))
     if args.compile:
@@ -325,7 +326,7 @@ def run_convert(args) -> int:
 
     import torch
 
-    from .loading import load_components, model_source, save_model_folder
+    from .loading import load_components, save_model_folder
     from .video import new_path_beside
 
     destination = Path(args.destination)
@@ -333,8 +334,7 @@ def run_convert(args) -> int:
         raise OutputError(f"{destination} already exists and is not an empty folder")
     if not destination.parent.is_dir():
         raise OutputError(f"output directory {destination.parent} does not exist")
-    model_source(args.source)
-    _quiet_model_libraries()
+    _before_loading(args.source)
     components = load_components(args.source)
     partial = new_path_beside(destination, folder=True)
     try:
@@ -405,12 +405,10 @@ def run_download(args) -> int:
 def run_eval(args) -> int:
     if args.prompts < 1 or args.seeds < 1:
         raise UsageError("--prompts and --seeds must be at least 1")
-    from .loading import model_source
     from .video import check_file_path
-    model_source(args.model)
     if args.json_path:
         check_file_path(args.json_path)  # now, not after minutes of evaluating
-    _quiet_model_libraries()
+    _before_loading(args.model)
     from .evaluate import default_specs, evaluate, format_table, write_json
     from .pipeline import load
     from .progress import ProgressBar
@@ -445,18 +443,13 @@ def run_serve(args) -> int:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot use --data-dir {args.data_dir}: {exc.strerror or exc}") from None
-    from .loading import model_source
-    model_source(args.model)
-    _quiet_model_libraries()
+    _before_loading(args.model)
     serve(settings, host=args.host, port=args.port)
     return 0
 
 
 def run_train(args) -> int:
-    if args.init:
-        from .loading import model_source
-        model_source(args.init)  # a mistyped model name is refused before the model libraries load
-    _quiet_model_libraries()
+    _before_loading(args.init)
     from .train import CHECKPOINT, TrainOptions, train
     options = TrainOptions(out=Path(args.out), architecture=args.architecture, init=args.init, data=args.data,
                            steps=args.steps, vae_steps=args.vae_steps, text_steps=args.text_steps,
