@@ -419,6 +419,28 @@ def test_serve_refuses_a_public_address_without_a_token(tmp_path):
     assert done.returncode == 2 and "without a token" in done.stderr
 
 
+def test_serve_refuses_a_busy_port_before_loading_and_a_model_that_does_not_load_without_a_traceback(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        script = ("import sys; from vidsynth.cli import main; code = main(sys.argv[1:]); "
+                  "print('diffusers' in sys.modules); sys.exit(code)")
+        busy = subprocess.run([sys.executable, "-c", script, "serve", "--port", str(port), "--data-dir",
+                               str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert busy.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in busy.stderr
+    assert busy.stdout.strip() == "False"  # refused before the model libraries were imported
+    (tmp_path / "not-a-model").mkdir()
+    broken = subprocess.run([sys.executable, "-m", "vidsynth.cli", "serve", "--port", "0", "--model",
+                             str(tmp_path / "not-a-model"), "--data-dir", str(tmp_path / "data")],
+                            capture_output=True, text=True, timeout=120)
+    assert broken.returncode == 2 and "is neither a diffusers-layout model folder" in broken.stderr
+    assert "Traceback" not in broken.stderr
+
+
 @pytest.mark.parametrize("package", ["fastapi", "uvicorn"])
 def test_serve_without_the_server_extra_says_what_to_install(package):
     import subprocess

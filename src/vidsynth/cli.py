@@ -429,7 +429,7 @@ def run_serve(args) -> int:
     if missing:
         raise UsageError(f"the server needs {' and '.join(missing)}, which vidsynth's server extra installs: "
                          f"pip install 'vidsynth[server]'")
-    from .server import ServerSettings, is_loopback, serve
+    from .server import ServerSettings, check_can_listen, is_loopback, serve
     if not is_loopback(args.host) and not args.token and not args.allow_remote_without_token:
         raise UsageError(f"refusing to serve on {args.host} without a token: set --token (or VIDSYNTH_TOKEN), bind "
                          f"127.0.0.1, or pass --allow-remote-without-token")
@@ -437,6 +437,7 @@ def run_serve(args) -> int:
         raise UsageError("--max-queue and --keep-jobs must be at least 1")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
+    check_can_listen(args.host, args.port)
     settings = ServerSettings(data_dir=Path(args.data_dir), model=args.model, runtime=_runtime(args), token=args.token,
                               max_queue=args.max_queue, keep_jobs=args.keep_jobs)
     try:
@@ -444,7 +445,11 @@ def run_serve(args) -> int:
     except OSError as exc:
         raise UsageError(f"cannot use --data-dir {args.data_dir}: {exc.strerror or exc}") from None
     _before_loading(args.model)
-    serve(settings, host=args.host, port=args.port)
+    # Loaded here rather than as the app starts, so that a model that cannot load is reported as every command
+    # reports errors, not as a traceback from the server's start-up.
+    print(f"loading {args.model or 'the shipped model'}...", file=sys.stderr)
+    from .pipeline import load
+    serve(settings, host=args.host, port=args.port, pipeline=load(args.model, **settings.runtime))
     return 0
 
 

@@ -13,6 +13,7 @@ import copy
 import ipaddress
 import json
 import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -28,7 +29,7 @@ from starlette.exceptions import HTTPException
 
 from . import __version__
 from .devices import dtype_name
-from .errors import InputError, RequestError
+from .errors import InputError, RequestError, UsageError
 from .jobs import (CANCELED, COMPLETED, FAILED, FINISHED, QUEUED, UPLOAD_TYPES, VARIANTS, IdempotencyConflict,
                    JobStore)
 from .request import DEFAULT_STRENGTH, MAX_SIDE, PRESETS, SCHEDULERS, GenerationRequest, field_errors
@@ -390,11 +391,25 @@ def _same(given: str, token: str) -> bool:
     return secrets.compare_digest(given.encode(), token.encode())
 
 
-def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def check_can_listen(host: str, port: int) -> None:
+    """Refuse an address that cannot be listened on (a port in use, a host not on this machine) now, before the
+    model loads: minutes for a full-size model, after which uvicorn would only then find out."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a socket in TIME_WAIT is fine
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          pipeline=None) -> None:
+    """Run the server until interrupted; `pipeline` as for `create_app`."""
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
     # The worker's messages (compiling, failed jobs) printed as uvicorn prints its own.
     log_config = copy.deepcopy(LOGGING_CONFIG)
     log_config["loggers"]["vidsynth"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, log_config=log_config)
+    uvicorn.run(create_app(settings, pipeline), host=host, port=port, log_level=log_level, log_config=log_config)
