@@ -61,6 +61,10 @@ def test_gif_npy_and_png_folder(tmp_path):
     video = Video(pattern(), fps=8, settings=SETTINGS)
     gif_frames, _ = read_frames(video.save(tmp_path / "clip.gif"))
     assert gif_frames.shape == (12, 48, 64, 3)
+    (tmp_path / "clip.json").unlink()
+    assert read_settings(tmp_path / "clip.gif") == SETTINGS  # carried in the GIF itself, as a GIF passed on is
+    unicode = {**SETTINGS, "prompt": "ein grüner Kreis, 緑の円"}
+    assert read_settings(write_video(tmp_path / "u.gif", pattern(2), 8, unicode, sidecar=False)) == unicode
     assert np.array_equal(np.load(video.save(tmp_path / "clip.npy")), pattern())  # exact
     folder = video.save(tmp_path / "frames")
     assert sorted(p.name for p in folder.iterdir()) == [f"{i:04d}.png" for i in range(12)] + ["settings.json"]

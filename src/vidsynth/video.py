@@ -3,8 +3,8 @@
 The format follows the extension: .mp4 (H.264, yuv420p, +faststart: plays in browsers), .webm (VP9), .gif, .npy
 (the exact uint8 frames, F x H x W x 3) or, with no extension, a folder of numbered PNGs. Every file is written
 to a temporary name beside the target and renamed into place, so a failure never leaves half a file. The
-generation settings go into the container's metadata (mp4, webm) and into a JSON sidecar (`<name>.json`, or
-`settings.json` inside a PNG folder).
+generation settings go into the file itself (mp4 and webm metadata, the GIF's comment) and into a JSON sidecar
+(`<name>.json`, or `settings.json` inside a PNG folder).
 """
 
 from __future__ import annotations
@@ -132,8 +132,10 @@ def write_video(path: PathLike, frames: np.ndarray, fps: int, settings: dict, *,
             _encode(temporary, frames, fps, VIDEO_FORMATS[path.suffix.lower()], settings, kind)
         elif kind == "gif":
             images = [_palette_image(frame) for frame in frames]
+            # The settings go into the GIF's comment extension, so a GIF passed on still says how it was made.
+            comment = json.dumps(settings, separators=(",", ":")).encode() if settings else b""
             images[0].save(temporary, format="GIF", save_all=True, append_images=images[1:],
-                           duration=round(1000 / fps), loop=0)
+                           duration=round(1000 / fps), loop=0, comment=comment)
         else:
             with open(temporary, "wb") as handle:
                 np.save(handle, frames)
@@ -233,21 +235,32 @@ def read_settings(path: PathLike) -> dict:
         raise OutputError(f"{path} does not exist")
     if path.suffix.lower() == ".json":
         return _read_json(path)
-    if path.suffix.lower() in VIDEO_FORMATS:
+    stored = _embedded_settings(path)
+    if stored:
         try:
-            with av.open(str(path)) as container:
-                stored = container.metadata.get(METADATA_KEY)
-        except av.FFmpegError as exc:
-            raise OutputError(f"{path} is not a readable video: {exc}") from None
-        if stored:
-            try:
-                return json.loads(stored)
-            except json.JSONDecodeError:
-                pass
+            return json.loads(stored)
+        except json.JSONDecodeError:
+            pass
     sidecar = sidecar_path(path)
     if sidecar.is_file():
         return _read_json(sidecar)
     raise OutputError(f"{path} carries no vidsynth settings (no metadata and no {sidecar.name})")
+
+
+def _embedded_settings(path: Path) -> Optional[str]:
+    """The settings a file carries in itself: the container's metadata (mp4, webm) or the GIF's comment."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in VIDEO_FORMATS:
+            with av.open(str(path)) as container:
+                return container.metadata.get(METADATA_KEY)
+        if suffix == ".gif":
+            with Image.open(path) as image:
+                comment = image.info.get("comment")
+            return comment.decode("latin-1") if comment else None  # JSON as written here is ASCII
+    except (av.FFmpegError, OSError) as exc:  # PIL's "cannot identify image file" is an OSError
+        raise OutputError(f"{path} is not a readable video: {exc}") from None
+    return None
 
 
 def _read_json(path: Path) -> dict:
