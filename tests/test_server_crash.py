@@ -3,6 +3,7 @@ leaves nothing half-written."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import signal
@@ -10,6 +11,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
+from conftest import read_events
 from test_server import PROMPT, _decode_mp4
 from vidsynth.jobs import FAILED, MAX_ATTEMPTS, QUEUED, SCHEMA, JobStore
 
@@ -88,6 +91,48 @@ def test_kill_9_mid_job_loses_nothing(tmp_path):
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_ctrl_c_stops_the_server_with_event_streams_open_and_requeues_the_running_job(tmp_path):
+    """An open page holds an event stream that ends only with its job: Ctrl-C must not wait for the jobs."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path, port)
+    try:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            running = client.post("/v1/videos", json={"prompt": PROMPT, "steps": 400, "seed": 1}).json()
+            waiting = client.post("/v1/videos", json={"prompt": PROMPT, "steps": 3, "seed": 2}).json()
+            deadline = time.monotonic() + 60
+            while client.get(f"/v1/videos/{running['id']}").json()["progress"] == 0:
+                assert time.monotonic() < deadline, "the first job never got going"
+                time.sleep(0.05)
+        received = {running["id"]: [], waiting["id"]: []}
+
+        def watch(job_id):
+            with httpx.Client(base_url=url, timeout=120) as own:
+                with contextlib.suppress(httpx.HTTPError):  # cut by the server as it stops
+                    with own.stream("GET", f"/v1/videos/{job_id}/events") as response:
+                        received[job_id].extend(read_events(response))
+
+        watchers = [threading.Thread(target=watch, args=(job_id,), daemon=True) for job_id in received]
+        for watcher in watchers:
+            watcher.start()
+        deadline = time.monotonic() + 30
+        while not all(received.values()):
+            assert time.monotonic() < deadline, "the streams never started"
+            time.sleep(0.05)
+        server.send_signal(signal.SIGINT)
+        server.wait(60)  # a hang here is the bug: waiting on streams that end only with their jobs
+        for watcher in watchers:
+            watcher.join(10)
+            assert not watcher.is_alive()
+    finally:
+        server.kill()
+    store = JobStore(tmp_path)
+    stopped, queued = store.get(running["id"]), store.get(waiting["id"])
+    store.close()
+    assert stopped["status"] == queued["status"] == QUEUED  # both run when the server starts again
+    assert stopped["attempts"] == 0  # a run stopped on purpose does not count against the job
 
 
 def test_a_job_that_keeps_killing_the_server_fails_with_the_reason(tmp_path):

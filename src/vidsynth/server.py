@@ -38,6 +38,7 @@ from .worker import TERMINAL_EVENTS, EventLog, Worker, with_start_file
 
 TOKEN_COOKIE = "vidsynth_token"
 KEEPALIVE_SECONDS = 15.0
+SHUTDOWN_GRACE_SECONDS = 5  # what requests in flight get to finish once the server is told to stop
 EVENT_RECHECK_SECONDS = 1.0  # streams wake on changes (JobChanges); this bounds a missed one
 
 
@@ -412,4 +413,8 @@ def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000, l
     # The worker's messages (compiling, failed jobs) printed as uvicorn prints its own.
     log_config = copy.deepcopy(LOGGING_CONFIG)
     log_config["loggers"]["vidsynth"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
-    uvicorn.run(create_app(settings, pipeline), host=host, port=port, log_level=log_level, log_config=log_config)
+    # Event streams never end by themselves while their job waits or runs (an open page holds one): without a bound
+    # on the wait for connections to close, Ctrl-C would wait for every watched job. After it they are cut, and the
+    # worker stops, putting a running job back in the queue.
+    uvicorn.run(create_app(settings, pipeline), host=host, port=port, log_level=log_level, log_config=log_config,
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)
