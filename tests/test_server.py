@@ -164,13 +164,20 @@ def test_a_reconnecting_event_stream_resumes_after_the_last_event_id(client):
     wait_for(client, job["id"])
     with client.stream("GET", f"/v1/videos/{job['id']}/events") as response:
         lines = list(response.iter_lines())
-    ids = [int(line.removeprefix("id: ")) for line in lines if line.startswith("id: ")]
-    assert ids == list(range(1, len(ids) + 1)) and len(ids) > 3
-    with client.stream("GET", f"/v1/videos/{job['id']}/events") as response:
-        everything = list(read_events(response))
-    with client.stream("GET", f"/v1/videos/{job['id']}/events", headers={"Last-Event-ID": str(ids[-3])}) as response:
-        resumed = list(read_events(response))
+    ids = [line.removeprefix("id: ").split(".") for line in lines if line.startswith("id: ")]
+    runs, counts = {run for run, _ in ids}, [int(count) for _, count in ids]
+    assert len(runs) == 1 and counts == list(range(1, len(ids) + 1)) and len(ids) > 3
+    run = runs.pop()
+
+    def reopened(last_event_id):
+        with client.stream("GET", f"/v1/videos/{job['id']}/events", headers={"Last-Event-ID": last_event_id}) as response:
+            return list(read_events(response))
+
+    everything = reopened("")
+    resumed = reopened(f"{run}.{counts[-3]}")
     assert resumed == everything[-2:] and resumed[-1]["event"] == "completed"
+    # An id from before a restart counts events of another log: the stream starts over rather than skip any.
+    assert reopened(f"{'0' * len(run)}.{counts[-3]}") == everything == reopened(str(counts[-3]))
 
 
 def test_a_jobs_warnings_are_streamed_and_kept_with_it(client):

@@ -147,7 +147,8 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
         store.recover()
         events = EventLog(store.changes)
         worker = Worker(pipeline, store, events, settings.keep_jobs)
-        state.update(store=store, events=events, worker=worker)
+        # Event ids are "RUN.N": N counts a job's events in this process's log, which a restart starts anew.
+        state.update(store=store, events=events, worker=worker, run=secrets.token_hex(4))
         worker.start()
         try:
             yield
@@ -302,9 +303,10 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
     async def video_events(job_id: str, last_event_id: Optional[str] = Header(None)):
         """Server-sent events: queued, started, warning, step, decoding, encoding, then completed, failed or
         canceled. The job's own events carry ids; a client reconnecting with `Last-Event-ID` (as EventSource does)
-        gets only the ones after it."""
+        gets only the ones after it, or all of them if the id is from before the server restarted."""
         job_or_404(job_id)
-        start = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+        run, _, count = (last_event_id or "").partition(".")
+        start = int(count) if run == state["run"] and count.isdigit() else 0
         return StreamingResponse(_event_stream(job_id, start), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -320,7 +322,7 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
                 index += 1
                 announced_running = True
                 last_sent = loop.time()
-                yield _sse(event, sequence=index)
+                yield _sse(event, f"{state['run']}.{index}")
                 if event["event"] in TERMINAL_EVENTS:
                     return
             if new_events:  # the job is running here and said so itself: nothing to ask the database
@@ -374,9 +376,9 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
     return app
 
 
-def _sse(event: dict, sequence: Optional[int] = None) -> str:
-    """One server-sent event; `sequence`, the count of the job's logged events up to it, becomes its id."""
-    identity = f"id: {sequence}\n" if sequence is not None else ""
+def _sse(event: dict, event_id: Optional[str] = None) -> str:
+    """One server-sent event, with an id if it is one of the job's logged events."""
+    identity = f"id: {event_id}\n" if event_id is not None else ""
     return f"{identity}event: {event['event']}\ndata: {json.dumps(event)}\n\n"
 
 
