@@ -46,6 +46,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def wait_for_progress(client: httpx.Client, job_id: str, percent: float) -> None:
+    deadline = time.monotonic() + 60
+    while client.get(f"/v1/videos/{job_id}").json()["progress"] < percent:
+        assert time.monotonic() < deadline, "the first job never got going"
+        time.sleep(0.05)
+
+
 def test_kill_9_mid_job_loses_nothing(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -55,10 +62,7 @@ def test_kill_9_mid_job_loses_nothing(tmp_path):
             long = client.post("/v1/videos", json={"prompt": PROMPT, "steps": 40, "seed": 1}).json()
             short = [client.post("/v1/videos", json={"prompt": PROMPT, "steps": 3, "frames": 8, "seed": s}).json()
                      for s in range(3)]
-            deadline = time.monotonic() + 60
-            while client.get(f"/v1/videos/{long['id']}").json()["progress"] < 10:
-                assert time.monotonic() < deadline, "the first job never got going"
-                time.sleep(0.05)
+            wait_for_progress(client, long["id"], 10)
         server.send_signal(signal.SIGKILL)
         server.wait(30)
     finally:
@@ -102,10 +106,7 @@ def test_ctrl_c_stops_the_server_with_event_streams_open_and_requeues_the_runnin
         with httpx.Client(base_url=url, timeout=30) as client:
             running = client.post("/v1/videos", json={"prompt": PROMPT, "steps": 400, "seed": 1}).json()
             waiting = client.post("/v1/videos", json={"prompt": PROMPT, "steps": 3, "seed": 2}).json()
-            deadline = time.monotonic() + 60
-            while client.get(f"/v1/videos/{running['id']}").json()["progress"] == 0:
-                assert time.monotonic() < deadline, "the first job never got going"
-                time.sleep(0.05)
+            wait_for_progress(client, running["id"], 0.1)
         received = {running["id"]: [], waiting["id"]: []}
 
         def watch(job_id):
