@@ -447,7 +447,7 @@ def run_serve(args) -> int:
     _before_loading(args.model)
     # Loaded here rather than as the app starts, so that a model that cannot load is reported as every command
     # reports errors, not as a traceback from the server's start-up.
-    print(f"loading {args.model or 'the shipped model'}...", file=sys.stderr)
+    _status(f"loading {args.model or 'the shipped model'}...", args)
     from .pipeline import load
     serve(settings, host=args.host, port=args.port, pipeline=load(args.model, **settings.runtime))
     return 0
