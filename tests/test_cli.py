@@ -29,6 +29,8 @@ def vidsynth(*args, cwd, timeout=300, umask=-1):
 BAD_INPUT = [
     (["generate", ""], "PROMPT: prompt is empty"),
     (["generate", "   "], "PROMPT: prompt is empty"),
+    (["generate", "x" * 2001], "PROMPT: should have at most 2000 characters"),
+    (["generate", "x", "--negative", "y" * 2001], "--negative: String should have at most 2000 characters"),
     (["generate", "x", "--frames", "0"], "--frames: Input should be greater than or equal to 1"),
     (["generate", "x", "--frames", "999"], "--frames: Input should be less than or equal to 256"),
     (["generate", "x", "--height", "100"], "--height: must be a multiple of 8"),
@@ -45,7 +47,7 @@ BAD_INPUT = [
 ]
 
 
-@pytest.mark.parametrize("args, message", BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
+@pytest.mark.parametrize("args, message", BAD_INPUT, ids=[" ".join(a)[:60] for a, _ in BAD_INPUT])
 def test_bad_input_exits_2_with_the_reason_and_writes_nothing(args, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(args) == 2

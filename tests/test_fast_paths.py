@@ -380,7 +380,7 @@ def test_the_sampler_never_reads_the_devices_tensors_between_steps(meta_pipeline
         start = torch.zeros(1, 4, 3, 4, 4)
     request = meta_pipeline.prepare(vidsynth.GenerationRequest.create(prompt="a red circle", steps=4, frames=3,
                                                                       height=32, width=32, seed=0, **settings))
-    positive, negative = meta_pipeline.encode_text(["a red circle"]), meta_pipeline.encode_text([""])
+    positive, negative = meta_pipeline.encode_text(["a red circle", ""])
     noise = pipeline_module.initial_noise(torch.Generator().manual_seed(0), 3, 4, 4, frames_first=start is not None)
     steps = []
     with pytest.raises(RuntimeError, match="meta tensors"):

@@ -10,6 +10,9 @@ BAD = [
     ({"prompt": ""}, "prompt", "empty"),
     ({"prompt": "   \n"}, "prompt", "empty"),
     ({"prompt": []}, "prompt", "between 1 and"),
+    ({"prompt": "a" * 2001}, "prompt", "at most 2000 characters"),
+    ({"prompt": ["a", "b" * 2001]}, "prompt", "at most 2000 characters"),
+    ({"negative_prompt": "c" * 2001}, "negative_prompt", "at most 2000 characters"),
     ({"frames": 0}, "frames", "greater than or equal to 1"),
     ({"frames": 10_000}, "frames", "less than or equal to 256"),
     ({"height": 100}, "height", "multiple of 8"),
@@ -30,7 +33,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("fields, field, words", BAD, ids=[str(b[0]) for b in BAD])
+@pytest.mark.parametrize("fields, field, words", BAD, ids=[str(b[0])[:60] for b in BAD])
 def test_bad_settings_name_their_field(fields, field, words):
     with pytest.raises(RequestError) as error:
         GenerationRequest.create(**{"prompt": "a red circle", **fields})

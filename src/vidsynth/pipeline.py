@@ -29,6 +29,7 @@ from .events import Callback, Event, emit
 from .loading import Components, load_components
 from .request import MAX_FPS, MAX_FRAMES, GenerationRequest
 from .schedulers import make_scheduler
+from .text import encode_texts, padded_to_match
 from .video import Video, Videos, read_start_video
 
 LATENT_CHANNELS = 4
@@ -212,8 +213,7 @@ class Pipeline:
                 emit(callback, Event("encode", 0, 1, 0, count, message=message))
         emit(callback, Event("encode", 0, 1, 0, count))
         with self._using(self.components.text_encoder):
-            negative = self.encode_text([request.negative_prompt])
-            positive = self.encode_text(prompts)
+            negative, empty, *positives = self.encode_text([request.negative_prompt, "", *prompts])
         emit(callback, Event("encode", 1, 1, 0, count))
         start = None  # the latents of the video to start from, for video-to-video
         if source is not None:
@@ -228,9 +228,9 @@ class Pipeline:
                 # One generator per video: the initial noise, then any noise a stochastic sampler draws.
                 generator = torch.Generator("cpu").manual_seed(seed)
                 noise = initial_noise(generator, *latent_shape[2:], frames_first=source is not None)
-                latents = self.denoise(noise, positive[prompt_index:prompt_index + 1], negative, request, generator,
-                                       lambda k, n: emit(callback, Event("denoise", k, n, index, count)), low_memory,
-                                       start)
+                latents = self.denoise(noise, *padded_to_match(positives[prompt_index], negative, empty), request,
+                                       generator, lambda k, n: emit(callback, Event("denoise", k, n, index, count)),
+                                       low_memory, start)
                 frames = self.decode(latents, lambda k, n: emit(callback, Event("decode", k, n, index, count)),
                                      low_memory)
                 settings = self.settings_for(request, prompts[prompt_index], seed)
@@ -251,7 +251,7 @@ class Pipeline:
             emit(callback, Event("denoise", 0, 1, message=memory_warning))
         with torch.inference_mode():
             with self._using(self.components.text_encoder):
-                text = self.encode_text([""])
+                text, = self.encode_text([""])
             self.denoise(noise, text, text, request, generator, lambda k, n: emit(callback, Event("denoise", k, n)),
                          low_memory)
 
@@ -293,32 +293,23 @@ class Pipeline:
         return 1, LATENT_CHANNELS, request.frames, request.height // scale, request.width // scale
 
     def prompt_warnings(self, request: GenerationRequest) -> list[str]:
-        """What the person asking should know about the prompts: one the text encoder reads only the start of, and
-        words that a model vidsynth trained never saw in its captions (it cannot draw what they say)."""
-        texts = {f"prompt {text[:60]!r}": text for text in request.prompts}
-        if request.negative_prompt:
-            texts[f"negative prompt {request.negative_prompt[:60]!r}"] = request.negative_prompt
-        tokenizer, messages = self.components.tokenizer, []
-        limit = tokenizer.model_max_length
-        for label, length in zip(texts, map(len, tokenizer(list(texts.values())).input_ids)):
-            if length > limit:
-                messages.append(f"{label} is {length} tokens; the text encoder reads only the first {limit}, so the "
-                                f"end is ignored")
+        """What the person asking should know about the prompts: words that a model vidsynth trained never saw in its
+        captions (it cannot draw what they say)."""
         known = self.components.vocabulary
-        unknown = [] if known is None else list(dict.fromkeys(
-            word for text in texts.values() for word in caption_words(text) if word not in known))
-        if unknown:
-            words = ", ".join(sorted(known)) if len(known) <= MAX_WORDS_LISTED else f"{len(known)} words"
-            messages.append(f"{self.name} never saw {', '.join(map(repr, unknown))} in its training captions and "
-                            f"cannot draw what {'it says' if len(unknown) == 1 else 'they say'}; it knows: {words}. "
-                            f"A full-size model such as ms-1.7b reads any prompt")
-        return messages
+        if known is None:
+            return []
+        texts = [*request.prompts, request.negative_prompt]
+        unknown = list(dict.fromkeys(word for text in texts for word in caption_words(text) if word not in known))
+        if not unknown:
+            return []
+        words = ", ".join(sorted(known)) if len(known) <= MAX_WORDS_LISTED else f"{len(known)} words"
+        return [f"{self.name} never saw {', '.join(map(repr, unknown))} in its training captions and cannot draw what "
+                f"{'it says' if len(unknown) == 1 else 'they say'}; it knows: {words}. A full-size model such as "
+                f"ms-1.7b reads any prompt"]
 
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
-        tokenizer = self.components.tokenizer
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
-        return self.components.text_encoder(ids.to(self.device)).last_hidden_state
+    def encode_text(self, texts: list[str]) -> list[torch.Tensor]:
+        """Each text's encoding, 1 x tokens x width: 77 tokens, or for a longer text 77 for each window of it."""
+        return encode_texts(self.components.tokenizer, self.components.text_encoder, texts, self.device)
 
     def denoise(self, noise: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
                 request: GenerationRequest, generator: torch.Generator, on_step,

@@ -24,6 +24,8 @@ MAX_VIDEOS = 16
 MAX_PROMPTS = 16
 MAX_SEED = 2**63 - 1
 MAX_FPS = 120
+# A longer prompt is read in windows of 75 tokens (text.py); this bounds the windows, about 400 tokens of English.
+MAX_PROMPT_CHARACTERS = 2000
 # Video-to-video: the share of the steps run from the start video, noised to match. ZeroScope XL's makers
 # recommend 0.66-0.85 for upscaling with it.
 DEFAULT_STRENGTH = 0.75
@@ -71,7 +73,8 @@ class GenerationRequest(BaseModel):
     # Declared before the prompt, so that the prompt's own validator can read it.
     allow_empty_prompt: bool = Field(False, description="Allow an empty prompt (unconditional generation).")
     prompt: Union[str, list[str]] = Field(description="Text prompt, or a list of prompts (one batch of videos each).")
-    negative_prompt: str = Field("", description="What to steer away from; empty as in ModelScope's own pipeline.")
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARACTERS,
+                                 description="What to steer away from; empty as in ModelScope's own pipeline.")
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="Video i of the request uses seed + i.")
     frames: Optional[int] = Field(None, ge=1, le=MAX_FRAMES)
     height: Optional[int] = Field(None, ge=8, le=MAX_SIDE, description="Pixels; a multiple of 8.")
@@ -103,6 +106,8 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"give between 1 and {MAX_PROMPTS} prompts")
         if not info.data.get("allow_empty_prompt") and any(not p.strip() for p in prompts):
             raise ValueError("prompt is empty; write a prompt, or set allow_empty_prompt for unconditional generation")
+        if any(len(p) > MAX_PROMPT_CHARACTERS for p in prompts):
+            raise ValueError(f"should have at most {MAX_PROMPT_CHARACTERS} characters")
         return prompt
 
     @field_validator("height", "width")
