@@ -27,7 +27,7 @@ class Event:
     total: int = 0  # steps in this phase (0 when it has none)
     video: int = 0  # index of the video being made
     videos: int = 1  # videos in the request
-    message: str = ""  # a warning (a prompt cut short, words the model never saw...); empty on progress events
+    message: str = ""  # a warning (words the model never saw, the low-memory mode...); empty on progress events
 
     @property
     def progress(self) -> float:

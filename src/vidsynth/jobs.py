@@ -255,7 +255,7 @@ class JobStore:
                     (progress, phase, job_id, IN_PROGRESS))
 
     def add_warning(self, job_id: str, message: str) -> None:
-        """Keep a warning the running job's generation gave (a prompt cut short, words the model never saw...)."""
+        """Keep a warning the running job's generation gave (words the model never saw, the low-memory mode...)."""
         with self._lock:
             row = self._db.execute("SELECT warnings FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is not None:

@@ -78,8 +78,8 @@ class Job(BaseModel):
     cancel_requested: bool
     request: dict[str, Any] = Field(description="the GenerationRequest, with the model's defaults and the seed "
                                                 "filled in")
-    warnings: list[str] = Field(description="what the generation warned of: a prompt cut short, words the model "
-                                            "never saw, the low-memory mode")
+    warnings: list[str] = Field(description="what the generation warned of: words the model never saw, "
+                                            "the low-memory mode")
     error: Optional[JobError]
 
 

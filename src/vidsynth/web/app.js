@@ -136,7 +136,7 @@ function show(job) {
   if (["queued", "in_progress"].includes(job.status)) follow(job.id);
 }
 
-// What the generation warned of: a prompt cut short, words the model never saw, the low-memory mode.
+// What the generation warned of: words the model never saw, the low-memory mode.
 function showWarnings(warnings) {
   const items = warnings.map((text) => Object.assign(document.createElement("li"), { textContent: text }));
   $("job-warnings").replaceChildren(...items);
