@@ -2,7 +2,7 @@
 sizes. The frames are a moving colour gradient with a little noise (deterministic), so every frame has thousands of
 colours as a real video does. Median of --runs writes each, and how far each lossy format's frames are from the
 video's (mean absolute difference, levels of 255: MP4 and WebM lose the chroma's resolution and some detail, GIF
-holds 256 colours a frame); prints a Markdown table.
+holds 256 colours a frame) and their sizes; prints a Markdown table.
 
     python benchmarks/writing.py [--runs 5]
 """
@@ -44,8 +44,9 @@ def main() -> None:
     from vidsynth.video import read_frames, write_video
 
     print(f"`{command_line()}` on {cpu_name()}, {os.cpu_count()} cores, {date.today()}\n")
-    print("| frames x height x width | " + " | ".join(FORMATS) + " | difference: " + " / ".join(LOSSY) + " |")
-    print("|---" * (len(FORMATS) + 2) + "|")
+    print("| frames x height x width | " + " | ".join(FORMATS) + " | difference: " + " / ".join(LOSSY) +
+          " | kB: " + " / ".join(LOSSY) + " |")
+    print("|---" * (len(FORMATS) + 3) + "|")
     for frames, height, width in SIZES:
         video = moving_gradient(frames, height, width)
         seconds = []
@@ -57,13 +58,15 @@ def main() -> None:
                     write_video(Path(folder) / name, video, 8, {"prompt": "benchmark"})
                     times.append(time.perf_counter() - started)
             seconds.append(statistics.median(times))
-        differences = []
+        differences, sizes = [], []
         for name in LOSSY:
             with tempfile.TemporaryDirectory() as folder:
-                written = read_frames(write_video(Path(folder) / name, video, 8, {}, sidecar=False))[0]
-            differences.append(np.abs(written.astype(int) - video).mean())
+                path = write_video(Path(folder) / name, video, 8, {}, sidecar=False)
+                differences.append(np.abs(read_frames(path)[0].astype(int) - video).mean())
+                sizes.append(path.stat().st_size)
         print(f"| {frames} x {height} x {width} | " + " | ".join(f"{s:.3f} s" for s in seconds) +
-              " | " + " / ".join(f"{d:.2f}" for d in differences) + " |", flush=True)
+              " | " + " / ".join(f"{d:.2f}" for d in differences) +
+              " | " + " / ".join(f"{size / 1000:.0f}" for size in sizes) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -187,9 +187,10 @@ def _encode(path: str, frames: np.ndarray, fps: int, codec: str, settings: dict,
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        # x264's "fast" preset and VP9's cpu-used 2 wrote 1.2-1.8x faster than the encoders' defaults at 256x256 and
-        # larger, the frames as close to the originals (BENCHMARKS.md, "Writing the video file").
-        x264, vp9 = {"crf": "18", "preset": "fast"}, {"crf": "24", "b": "0", "cpu-used": "2"}
+        # At 256x256 and larger x264's "veryfast" preset wrote 1.6-2.1x faster than "fast" (itself 1.2-1.4x faster
+        # than the default), 0.05 levels further from the frames; VP9's cpu-used 2 1.3-1.8x faster than its default,
+        # as close (BENCHMARKS.md, "Writing the video file").
+        x264, vp9 = {"crf": "18", "preset": "veryfast"}, {"crf": "24", "b": "0", "cpu-used": "2"}
         stream.options = x264 if codec == "libx264" else vp9
         for frame in frames:
             # Converted here rather than by the encoder: that conversion varied from run to run.
