@@ -3,8 +3,8 @@
 A prompt that fits is encoded as the encoder was trained: start token, its tokens, end token, padding, 77 in all.
 A longer one is cut into windows of 75 tokens, each encoded that way, and the encodings are joined along the
 sequence, which the UNet's cross-attention takes at any length. This is how sd-webui and its text2video extension
-read long prompts; diffusers and ModelScope cut them at 77 tokens. Written here because the library that does it
-(compel) brings its own prompt syntax, and parentheses in a prompt would then change its meaning.
+read long prompts; diffusers and ModelScope cut them at 77 tokens. Written here: the library that does it for
+diffusers (compel) does it within its prompt-weighting syntax, parsed from every prompt; this needs only the windows.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def _window_end(tokens: list[str], size: int) -> int:
     return size  # one word longer than a window
 
 
-def encode_texts(tokenizer, text_encoder: torch.nn.Module, texts: list[str], device: torch.device) -> list[torch.Tensor]:
+def encode_texts(tokenizer, text_encoder: torch.nn.Module, texts: list[str],
+                 device: torch.device) -> list[torch.Tensor]:
     """Each text's encoding, 1 x (77 x its windows) x width: every window of every text in one batch."""
     length = tokenizer.model_max_length
     windows = [token_windows(tokenizer, text) for text in texts]
@@ -55,7 +56,8 @@ def encode_texts(tokenizer, text_encoder: torch.nn.Module, texts: list[str], dev
     return [part.reshape(1, -1, width) for part in encoded.split([len(w) for w in windows])]
 
 
-def padded_to_match(first: torch.Tensor, second: torch.Tensor, empty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def padded_to_match(first: torch.Tensor, second: torch.Tensor,
+                    empty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Two encodings as long as the longer, the shorter extended with `empty` windows (the encoding of an empty
     prompt): a guided step puts the prompt and the negative prompt in one batch."""
     def extended(encoding: torch.Tensor, tokens: int) -> torch.Tensor:
