@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--model")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), choices=range(1, len(PROMPTS) + 1))
-    parser.add_argument("--eval-prompts", type=int, default=0, help="also score default and fast with vidsynth eval")
+    parser.add_argument("--eval-prompts", type=int, default=0, help="also score the presets with vidsynth eval")
     parser.add_argument("--eval-seeds", type=int, default=2)
     parser.add_argument("--full-size", action="store_true", help="ms-1.7b's configuration with random weights")
     parser.add_argument("--frames", type=int)
@@ -118,7 +118,8 @@ def main() -> None:
     if args.eval_prompts:
         print(f"\n`vidsynth eval` scores, {args.eval_prompts} held-out captions x {args.eval_seeds} seeds:\n")
         print("| configuration | colour | shape | direction | flicker |\n|---|---|---|---|---|")
-        for name, fields in (("default (quality)", {}), ("preset fast", {"preset": "fast"})):
+        for name, fields in (("default (quality)", {}), ("preset balanced", {"preset": "balanced"}),
+                             ("preset fast", {"preset": "fast"})):
             summary = evaluate(pipeline, default_specs(args.eval_prompts), args.eval_seeds, **size, **fields)
             print(f"| {name} | {summary['color_accuracy']:.1%} | {summary['shape_accuracy']:.1%} | "
                   f"{summary['direction_accuracy']:.1%} | {summary['mean_flicker']:.2f} |")
