@@ -54,6 +54,12 @@ def test_make_watch_download_cancel_and_history(browser, site, artifacts, tmp_pa
     page.wait_for_function("document.querySelector('#scheduler').options.length > 0")
     assert page.text_content("#vocabulary").startswith("vidsynth-tiny knows only the 27 words of its training "
                                                         "captions: a, and, background, black, blue, circle,")
+    # The empty settings show what the chosen preset makes of them for this model.
+    assert page.get_attribute("#steps", "placeholder") == "6"
+    page.select_option("#preset", "fast")
+    assert page.get_attribute("#steps", "placeholder") == "3"
+    assert page.locator("#scheduler option").first.text_content() == "preset's (dpm++)"
+    page.select_option("#preset", "quality")
 
     # A bad setting is shown next to its field.
     page.fill("#prompt", "a red circle moving left on a black background")

@@ -363,14 +363,22 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
     def index():
         return FileResponse(str(web / "index.html"), media_type="text/html")
 
+    def preset_settings(name: str) -> dict:
+        """What preset `name` sets for this model: the request's own resolution, so the page shows what a job gets."""
+        resolved = GenerationRequest(prompt="", allow_empty_prompt=True, preset=name).resolve(pipeline.defaults)
+        return {field: getattr(resolved, field) for field in ("steps", "scheduler", "cache_interval",
+                                                              "guidance_fraction")}
+
     @app.get("/v1/settings", tags=["server"])
     def request_settings():
-        """What the page's form needs: the model's defaults, the schedulers, the request schema with its limits, and
-        the words of the model's training captions (null for a model vidsynth did not train)."""
+        """What the page's form needs: the model's defaults, the schedulers, the presets and what each sets for this
+        model, the request schema with its limits, and the words of the model's training captions (null for a model
+        vidsynth did not train)."""
         defaults = {**pipeline.defaults.as_dict(), "strength": DEFAULT_STRENGTH}
         vocabulary = pipeline.components.vocabulary
         return {"model": pipeline.name, "defaults": defaults, "schedulers": list(SCHEDULERS),
-                "presets": list(PRESETS), "schema": GenerationRequest.model_json_schema(),
+                "presets": list(PRESETS), "preset_settings": {name: preset_settings(name) for name in PRESETS},
+                "schema": GenerationRequest.model_json_schema(),
                 "vocabulary": sorted(vocabulary) if vocabulary is not None else None}
 
     return app

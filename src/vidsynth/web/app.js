@@ -280,6 +280,14 @@ async function start() {
     for (const name of settings.schedulers) $("scheduler").add(new Option(name, name));
     for (const name of settings.presets) $("preset").add(new Option(name, name));
     for (const [name, value] of Object.entries(settings.defaults)) if ($(name)) $(name).placeholder = value;
+    // What the chosen preset sets for this model, as the server resolves it, shown where the settings are left empty.
+    const showPreset = () => {
+      const chosen = settings.preset_settings[$("preset").value];
+      $("steps").placeholder = chosen.steps;
+      $("scheduler").options[0].text = `preset's (${chosen.scheduler})`;
+    };
+    $("preset").addEventListener("change", showPreset);
+    showPreset();
     if (settings.vocabulary) {
       $("vocabulary").textContent = `${settings.model} knows only the ${settings.vocabulary.length} words of its ` +
         `training captions: ${settings.vocabulary.join(", ")}.`;
