@@ -33,6 +33,7 @@ CONFIGURATIONS = [
     ("dpm++ at 40 % of the steps", {"scheduler": "dpm++", "steps_fraction": 0.4}),
     ("deep-feature reuse, interval 3", {"cache_interval": 3}),
     ("guidance on the first half", {"guidance_fraction": 0.5}),
+    ("every step guided", {"guidance_fraction": 1.0}),
     ("preset balanced", {"preset": "balanced"}),
     ("preset fast", {"preset": "fast"}),
 ]
@@ -105,8 +106,10 @@ def main() -> None:
 
     print(f"Command: `{command_line()}`  ")
     frames, width, height = (size.get(k, getattr(pipeline.defaults, k)) for k in ("frames", "width", "height"))
+    share = pipeline.defaults.guidance_fraction
+    guided = f" guided on the first {share:.0%}" if share < 1 else ""
     print(f"Machine: {cpu_name()}, {os.cpu_count()} cores; date {date.today()}. Model: {pipeline.name}, "
-          f"{frames} frames {width}x{height}, default {default_steps} DDIM steps; {args.prompts} prompts x "
+          f"{frames} frames {width}x{height}, default {default_steps} DDIM steps{guided}; {args.prompts} prompts x "
           f"{args.runs} runs.\n")
     print("| configuration | seconds per video (median) | speed-up | PSNR vs default (dB) | SSIM vs default |")
     print("|---|---|---|---|---|")

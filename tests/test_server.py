@@ -344,7 +344,7 @@ def test_settings_name_the_words_the_model_knows(client):
     settings = client.get("/v1/settings").json()
     assert settings["model"] == "vidsynth-tiny" and settings["defaults"]["steps"] == 6
     assert settings["preset_settings"]["quality"] == {"steps": 6, "scheduler": "ddim", "cache_interval": 1,
-                                                      "guidance_fraction": 1.0}
+                                                      "guidance_fraction": 0.5}
     assert settings["preset_settings"]["fast"] == {"steps": 3, "scheduler": "dpm++", "cache_interval": 1,
                                                    "guidance_fraction": 0.5}
     assert len(settings["vocabulary"]) == 27 and {"circle", "left", "background"} <= set(settings["vocabulary"])

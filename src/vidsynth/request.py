@@ -42,7 +42,7 @@ class Preset:
     scheduler: str
     step_fraction: float  # of the model's default steps
     cache_interval: int  # full UNet runs every this many steps, deep features reused between (1 = off)
-    guidance_fraction: float  # classifier-free guidance on this first share of the steps, conditional-only after
+    guidance_fraction: float  # at most this first share of the steps guided (the model's own share if smaller)
 
 
 PRESETS = {
@@ -68,6 +68,7 @@ class ModelDefaults:
     steps: int = 50
     guidance: float = 9.0
     fps: int = 8
+    guidance_fraction: float = 1.0  # classifier-free guidance on this first share of the steps, conditional-only after
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -166,7 +167,7 @@ class GenerationRequest(BaseModel):
         steps = preset_steps if self.steps is None else self.steps
         native = {**defaults.as_dict(), "steps": preset_steps, "scheduler": preset.scheduler,
                   "cache_interval": preset.cache_interval if steps >= MIN_STEPS_FOR_FEATURE_REUSE else 1,
-                  "guidance_fraction": preset.guidance_fraction}
+                  "guidance_fraction": min(preset.guidance_fraction, defaults.guidance_fraction)}
         filled = {name: native[name] for name in ("frames", "height", "width", "steps", "guidance", "fps", "scheduler",
                                                   "cache_interval", "guidance_fraction") if getattr(self, name) is None}
         if self.seed is None:
