@@ -8,7 +8,7 @@ import pytest
 from vidsynth.data import (ClipSpec, ProceduralClips, VideoFolder, all_specs, evaluation_specs, render,
                            training_specs)
 from vidsynth.errors import VidsynthError
-from vidsynth.evaluate import analyse, default_specs
+from vidsynth.evaluate import Sample, analyse, default_specs, format_table, summarise
 from vidsynth.video import write_video
 
 
@@ -84,3 +84,19 @@ def test_eval_prints_its_table_and_writes_its_json(tmp_path, capsys):
     assert summary["samples"] == 2 and [r["seed"] for r in summary["results"]] == [0, 1]
     assert 0 <= summary["color_accuracy"] <= 1
     assert [path.name for path in tmp_path.iterdir()] == ["scores.json"]  # written whole, nothing beside it
+
+
+def test_eval_names_what_was_drawn_instead_of_what_was_asked():
+    def sample(shape, found_shape, motion="left", found_motion="left"):
+        expected = {"color": "red", "shape": shape, "motion": motion, "background": "black"}
+        return Sample("a caption", 0, expected, {**expected, "shape": found_shape, "motion": found_motion,
+                                                  "flicker": 1.0})
+
+    summary = summarise([sample("square", "circle"), sample("square", "circle"), sample("circle", None),
+                         sample("triangle", "triangle", "up", "up and to the left")], seconds=1.0)
+    assert summary["shape_accuracy"] == 0.25 and summary["direction_accuracy"] == 0.75
+    assert summary["errors"] == {"color": {}, "shape": {"square -> circle": 2, "circle -> nothing": 1},
+                                 "motion": {"up -> up and to the left": 1}, "background": {}}
+    assert format_table(summary).endswith("Errors (asked -> drawn): shape: square -> circle (2), circle -> nothing "
+                                          "(1); motion: up -> up and to the left (1)")
+    assert format_table(summarise([sample("square", "square")], seconds=1.0)).endswith("No errors.")

@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--preset", choices=tuple(PRESETS), help="quality (default: the model's own sampling), "
                           "balanced (DPM-Solver++, half the steps) or fast (also deep-feature reuse and partial guidance)")
     generate.add_argument("--cache-interval", type=int, help="full UNet every N steps, deep features reused between (1 = off)")
-    generate.add_argument("--guidance-fraction", type=float, help="guide only this first share of the steps (1 = all)")
+    generate.add_argument("--guidance-fraction", type=float,
+                          help="guide only this first share of the steps (1 = all; default: the model's own)")
     generate.add_argument("--eta", type=float)
     generate.add_argument("--fps", type=int)
     generate.add_argument("--num-videos", type=int, default=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -120,9 +121,17 @@ def summarise(samples: list[Sample], seconds: float) -> dict:
                                if directional else None),
         "background_accuracy": accuracy("background"),
         "mean_flicker": float(np.mean([s.found["flicker"] for s in samples])),
+        "errors": {key: _confusions(samples, key) for key in ("color", "shape", "motion", "background")},
         "seconds": seconds,
         "results": [asdict(s) for s in samples],
     }
+
+
+def _confusions(samples: list[Sample], key: str) -> dict[str, int]:
+    """What was drawn instead of what was asked, most frequent first: {"square -> circle": 2, ...}."""
+    wrong = Counter(f"{s.expected[key]} -> {s.found[key] or 'nothing'}" for s in samples
+                    if s.found[key] != s.expected[key])
+    return dict(wrong.most_common())
 
 
 def format_table(summary: dict) -> str:
@@ -132,6 +141,9 @@ def format_table(summary: dict) -> str:
     lines = [f"{summary['samples']} videos in {summary['seconds']:.0f} s", "", "| measure | accuracy |", "|---|---|"]
     lines += [f"| {name} | {value * 100:.1f} % |" for name, value in rows if value is not None]
     lines.append(f"| temporal flicker (mean abs frame difference, 0-255) | {summary['mean_flicker']:.2f} |")
+    errors = [f"{key}: " + ", ".join(f"{pair} ({count})" for pair, count in confusions.items())
+              for key, confusions in summary["errors"].items() if confusions]
+    lines += ["", "Errors (asked -> drawn): " + "; ".join(errors) if errors else "No errors."]
     return "\n".join(lines)
 
 

@@ -240,9 +240,12 @@ class Pipeline:
 
     def warm_up(self, callback: Callback = None) -> None:
         """Compile (with `compile=True`) or capture the UNet for the model's own video now rather than in the first
-        request's time: a few guided denoising steps of it, nothing decoded. `callback` may raise to stop it."""
-        steps = 3 if self.device.type == "cuda" else 1  # a CUDA graph tree records a function on its second call
-        request = self.prepare(GenerationRequest.create(prompt="", allow_empty_prompt=True, seed=0, steps=steps))
+        request's time: a few denoising steps of it, nothing decoded. `callback` may raise to stop it."""
+        steps_per_batch = 3 if self.device.type == "cuda" else 1  # a CUDA graph tree records on a function's 2nd call
+        # A model that guides only its first steps runs the UNet on two batch sizes, guided and not: both are warmed.
+        batches = 2 if self.defaults.guidance_fraction < 1 and self.defaults.guidance != 1.0 else 1
+        request = self.prepare(GenerationRequest.create(prompt="", allow_empty_prompt=True, seed=0,
+                                                        steps=steps_per_batch * batches, guidance_fraction=1 / batches))
         latent_shape = self.latent_shape(request)
         generator = torch.Generator("cpu").manual_seed(request.seed)
         noise = initial_noise(generator, *latent_shape[2:])

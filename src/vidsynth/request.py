@@ -93,7 +93,8 @@ class GenerationRequest(BaseModel):
     cache_interval: Optional[int] = Field(None, ge=1, le=10, description="Run the full UNet every N steps, reusing "
                                           "deep features between (DeepCache); 1 = off. Default: the preset's.")
     guidance_fraction: Optional[float] = Field(None, gt=0.0, le=1.0, allow_inf_nan=False, description="Guide only the "
-                                               "first share of the steps (1 = all). Default: the preset's.")
+                                               "first share of the steps (1 = all). Default: the model's own share "
+                                               "(1 for most models), at most the preset's.")
     eta: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="DDIM stochasticity (0 = deterministic).")
     fps: Optional[int] = Field(None, ge=1, le=MAX_FPS)
     num_videos: int = Field(1, ge=1, le=MAX_VIDEOS, description="Videos per prompt.")
