@@ -108,7 +108,11 @@ def test_commands_that_load_no_model_run_without_the_model_libraries(tmp_path):
             assert main(["eval", "--model", "not-a-model"]) == 2
             assert main(["eval", "--json", sys.argv[2]]) == 2  # refused now, not after the evaluation
             assert main(["train", "--out", sys.argv[2], "--init", "not-a-model"]) == 2
-        assert refusals.getvalue().count("vidsynth: error:") == 8, refusals.getvalue()
+            assert main(["eval", "--steps", "0"]) == 2
+            assert main(["eval", "--guidance-fraction", "0"]) == 2
+            assert main(["eval", "--seeds", "17"]) == 2
+        assert refusals.getvalue().count("vidsynth: error:") == 11, refusals.getvalue()
+        assert "error: --steps:" in refusals.getvalue() and "error: --guidance-fraction:" in refusals.getvalue()
         assert refusals.getvalue().count("no-such-folder does not exist") == 2
         assert refusals.getvalue().count("not found: no such folder, and not a known alias") == 3
         refused = sorted(m for m in ("diffusers", "transformers") if m in sys.modules)

@@ -78,10 +78,13 @@ def test_video_folder_needs_captions_and_readable_videos(tmp_path):
 
 def test_eval_prints_its_table_and_writes_its_json(tmp_path, capsys):
     from vidsynth.cli import main
-    assert main(["eval", "--prompts", "1", "--seeds", "2", "--json", str(tmp_path / "scores.json")]) == 0
-    assert "| colour |" in capsys.readouterr().out
+    assert main(["eval", "--prompts", "1", "--seeds", "2", "--seed", "5", "--guidance-fraction", "1",
+                 "--json", str(tmp_path / "scores.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "| colour |" in printed and ("Errors (asked -> drawn): " in printed or "No errors." in printed)
     summary = json.loads((tmp_path / "scores.json").read_text())
-    assert summary["samples"] == 2 and [r["seed"] for r in summary["results"]] == [0, 1]
+    assert summary["samples"] == 2 and [r["seed"] for r in summary["results"]] == [5, 6]
+    assert summary["sampling"]["model"] == "vidsynth-tiny" and summary["sampling"]["guidance_fraction"] == 1.0
     assert 0 <= summary["color_accuracy"] <= 1
     assert [path.name for path in tmp_path.iterdir()] == ["scores.json"]  # written whole, nothing beside it
 

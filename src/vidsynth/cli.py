@@ -16,7 +16,7 @@ from pathlib import Path
 from . import __version__
 from .devices import DEVICE_CHOICES, DTYPE_CHOICES, OFFLOAD_MODES
 from .errors import OutputError, RequestError, UsageError, VidsynthError
-from .request import PRESETS, SCHEDULERS, GenerationRequest
+from .request import MAX_VIDEOS, PRESETS, SCHEDULERS, GenerationRequest
 
 # GenerationRequest field -> the CLI flag that sets it, so errors name what the user typed.
 FLAGS = {
@@ -170,9 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="score a model on held-out captions of the shapes dataset")
     evaluate.add_argument("--model", help="alias, folder or hub id (default: the shipped model)")
     evaluate.add_argument("--prompts", type=int, default=50, help="how many held-out captions (default 50)")
-    evaluate.add_argument("--seeds", type=int, default=3, help="videos per caption, seeds 0..N-1 (default 3)")
+    evaluate.add_argument("--seeds", type=int, default=3, help=f"videos per caption, 1-{MAX_VIDEOS} (default 3)")
+    evaluate.add_argument("--seed", type=int, default=0,
+                          help="the first video's seed (default 0); the next video takes the next, 16 captions at a time")
     evaluate.add_argument("--steps", type=int)
     evaluate.add_argument("--guidance", type=float)
+    evaluate.add_argument("--guidance-fraction", type=float, help="guide only this first share of the steps")
     evaluate.add_argument("--scheduler", choices=SCHEDULERS)
     evaluate.add_argument("--preset", choices=tuple(PRESETS))
     evaluate.add_argument("--json", dest="json_path", metavar="FILE", help="write every result as JSON here")
@@ -404,8 +407,12 @@ def run_download(args) -> int:
 
 
 def run_eval(args) -> int:
-    if args.prompts < 1 or args.seeds < 1:
-        raise UsageError("--prompts and --seeds must be at least 1")
+    if args.prompts < 1 or not 1 <= args.seeds <= MAX_VIDEOS:
+        raise UsageError(f"--prompts must be at least 1 and --seeds 1-{MAX_VIDEOS}")
+    settings = {name: getattr(args, name) for name in ("steps", "guidance", "guidance_fraction", "scheduler", "preset")
+                if getattr(args, name) is not None}
+    # Checked as the evaluation's requests will be, before the model loads rather than after.
+    GenerationRequest.create(prompt="", allow_empty_prompt=True, seed=args.seed, **settings)
     from .video import check_file_path
     if args.json_path:
         check_file_path(args.json_path)  # now, not after minutes of evaluating
@@ -414,11 +421,11 @@ def run_eval(args) -> int:
     from .pipeline import load
     from .progress import ProgressBar
 
-    settings = {k: getattr(args, k) for k in ("steps", "guidance", "scheduler", "preset") if getattr(args, k) is not None}
     pipeline = load(args.model, **_runtime(args))
     with ProgressBar() as bar:
-        summary = evaluate(pipeline, default_specs(args.prompts), args.seeds, callback=bar, **settings)
-    print(f"model {pipeline.name}, {args.prompts} held-out captions x {args.seeds} seeds")
+        summary = evaluate(pipeline, default_specs(args.prompts), args.seeds, base_seed=args.seed, callback=bar,
+                           **settings)
+    print(f"model {pipeline.name}, {args.prompts} held-out captions x {args.seeds} seeds (from seed {args.seed})")
     print(format_table(summary))
     if args.json_path:
         write_json(summary, Path(args.json_path))

@@ -93,7 +93,8 @@ class Sample:
 
 
 def evaluate(pipeline, specs: list[ClipSpec], seeds: int, *, base_seed: int = 0, callback=None, **settings) -> dict:
-    """Generate every spec's caption with `seeds` seeds and score what is seen against what was asked."""
+    """Generate every spec's caption with `seeds` seeds and score what is seen against what was asked. The summary's
+    `sampling` is how the videos were made (the first video's settings but its prompt and seed)."""
     samples = []
     started = time.monotonic()
     for start in range(0, len(specs), MAX_PROMPTS):
@@ -104,7 +105,9 @@ def evaluate(pipeline, specs: list[ClipSpec], seeds: int, *, base_seed: int = 0,
             spec = batch[index // seeds]
             found = asdict(analyse(video.frames))
             samples.append(Sample(spec.caption, video.seed, asdict(spec), found))
-    return summarise(samples, time.monotonic() - started)
+        if start == 0:
+            sampling = {key: value for key, value in videos[0].settings.items() if key not in ("prompt", "seed")}
+    return {**summarise(samples, time.monotonic() - started), "sampling": sampling}
 
 
 def summarise(samples: list[Sample], seconds: float) -> dict:
