@@ -16,7 +16,7 @@ from pathlib import Path
 from . import __version__
 from .devices import DEVICE_CHOICES, DTYPE_CHOICES, OFFLOAD_MODES
 from .errors import OutputError, RequestError, UsageError, VidsynthError
-from .request import MAX_VIDEOS, PRESETS, SCHEDULERS, GenerationRequest
+from .request import MAX_PROMPTS, MAX_VIDEOS, PRESETS, SCHEDULERS, GenerationRequest
 
 # GenerationRequest field -> the CLI flag that sets it, so errors name what the user typed.
 FLAGS = {
@@ -171,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", help="alias, folder or hub id (default: the shipped model)")
     evaluate.add_argument("--prompts", type=int, default=50, help="how many held-out captions (default 50)")
     evaluate.add_argument("--seeds", type=int, default=3, help=f"videos per caption, 1-{MAX_VIDEOS} (default 3)")
-    evaluate.add_argument("--seed", type=int, default=0,
-                          help="the first video's seed (default 0); the next video takes the next, 16 captions at a time")
+    evaluate.add_argument("--seed", type=int, default=0, help="the first video's seed (default 0); each further "
+                          f"video of a batch of {MAX_PROMPTS} captions takes the next")
     evaluate.add_argument("--steps", type=int)
     evaluate.add_argument("--guidance", type=float)
     evaluate.add_argument("--guidance-fraction", type=float, help="guide only this first share of the steps")
