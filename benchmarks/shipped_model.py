@@ -60,9 +60,8 @@ def main() -> None:
         encode_seconds = time.perf_counter() - started
 
     d = pipeline.defaults
-    print(f"Shipped model, {d.frames} frames {d.width}x{d.height}, {d.steps} DDIM steps, guidance {d.guidance} on the first "
-          f"{d.guidance_fraction:.0%} of them, "
-          f"dtype {vidsynth.devices.dtype_name(pipeline.dtype)}; {platform.processor() or platform.machine()}, "
+    print(f"Shipped model, {d.frames} frames {d.width}x{d.height}, {d.steps} DDIM steps, guidance {d.guidance} on "
+          f"the first {d.guidance_fraction:.0%} of them, dtype {vidsynth.devices.dtype_name(pipeline.dtype)}; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {__import__('torch').__version__}, {date.today()}")
     print()
     print("| measure | seconds |")
