@@ -61,7 +61,8 @@ def main() -> None:
 
     d = pipeline.defaults
     print(f"Shipped model, {d.frames} frames {d.width}x{d.height}, {d.steps} DDIM steps, guidance {d.guidance} on "
-          f"the first {d.guidance_fraction:.0%} of them, dtype {vidsynth.devices.dtype_name(pipeline.dtype)}; {platform.processor() or platform.machine()}, "
+          f"the first {d.guidance_fraction:.0%} of them, dtype {vidsynth.devices.dtype_name(pipeline.dtype)}; "
+          f"{platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {__import__('torch').__version__}, {date.today()}")
     print()
     print("| measure | seconds |")
