@@ -97,6 +97,23 @@ def test_diffusers_folder_of_another_pipeline(tiny_model_dir, tmp_path):
         load_components(str(folder))
 
 
+@pytest.mark.parametrize("saved, problem", [
+    ({"guidance_fraction": 2.0}, r"defaults\.guidance_fraction: .*less than or equal to 1"),
+    ({"frames": 0}, r"defaults\.frames: .*greater than or equal to 1"),
+    ({"width": 100}, r"defaults\.width: must be a multiple of 8"),
+    ({"sampler": "ddim"}, r"not a valid vidsynth settings file: .*'sampler'"),
+])
+def test_settings_file_with_defaults_no_request_may_have(tiny_model_dir, tmp_path, saved, problem):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "vidsynth.json").write_text(json.dumps({"defaults": {"steps": 4, **saved}}))
+    with pytest.raises(ModelError, match=problem):
+        load_components(str(folder))
+    (folder / "vidsynth.json").write_text(json.dumps({"defaults": {"steps": 4, "guidance_fraction": 0.5}}))
+    defaults = load_components(str(folder)).defaults
+    assert (defaults.steps, defaults.guidance_fraction) == (4, 0.5)
+
+
 def test_known_alias_not_downloaded_says_what_to_do(monkeypatch, tmp_path):
     import huggingface_hub.constants as constants
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))

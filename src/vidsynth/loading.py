@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
-from .errors import ModelError, ModelUnavailableError, VidsynthError
+from .errors import ModelError, ModelUnavailableError, RequestError, VidsynthError
 from .registry import DEFAULTS_FILE, HUB_IDS, KNOWN_MODELS, SHIPPED_MODEL, KnownModel, package_model_path
-from .request import ModelDefaults
+from .request import ModelDefaults, checked_defaults
 
 if TYPE_CHECKING:  # the model libraries are imported by the functions that load models: finding one needs none
     import torch
@@ -332,9 +332,11 @@ def read_model_settings(folder: Path, parts: dict[str, Any]) -> tuple[ModelDefau
         try:
             saved = json.loads(path.read_text())
             vocabulary = saved.get("vocabulary")
-            return ModelDefaults(**saved["defaults"]), frozenset(vocabulary) if vocabulary is not None else None
+            return checked_defaults(saved["defaults"]), frozenset(vocabulary) if vocabulary is not None else None
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise ModelError(f"{path} is not a valid vidsynth settings file: {exc}") from None
+        except RequestError as exc:
+            raise ModelError(f"{path}: defaults.{exc.field}: {exc.message}") from None
     side = (parts["unet"].config.sample_size or 32) * 2 ** (len(parts["vae"].config.block_out_channels) - 1)
     return ModelDefaults(height=side, width=side), None
 

@@ -186,6 +186,13 @@ class GenerationRequest(BaseModel):
             raise request_error_from(exc) from None
 
 
+def checked_defaults(values: dict) -> ModelDefaults:
+    """A model's saved native settings, held to the rules a request's own settings are held to (they become one)."""
+    defaults = ModelDefaults(**values)
+    GenerationRequest.create(prompt="", allow_empty_prompt=True, **defaults.as_dict())
+    return defaults
+
+
 def field_errors(errors: list[dict]) -> list[dict]:
     """Pydantic's errors as [{field, message}], naming the top-level setting (not the union member, the list index,
     or the part of an HTTP request it came in)."""
