@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vidsynth import Video
+from vidsynth import GenerationRequest, Video
 from vidsynth.cli import build_parser, main, output_paths
+from vidsynth.request import MAX_FRAMES, MAX_VIDEOS
 
 SMALL = ["--frames", "3", "--height", "32", "--width", "32", "--steps", "2"]
 
@@ -78,6 +79,24 @@ def test_generate_info_and_replay(tiny_model_dir, tmp_path, monkeypatch):
     assert np.array_equal(np.load(tmp_path / "first.npy"), np.load(tmp_path / "again.npy"))
     assert main(["generate", "--from", "first.json", "--seed", "10", "-o", "other.npy"]) == 0
     assert not np.array_equal(np.load(tmp_path / "first.npy"), np.load(tmp_path / "other.npy"))
+
+
+def test_help_gives_each_settings_meaning_default_and_range_from_the_request():
+    """A generation option's help is its GenerationRequest field's description, default and bounds, written once."""
+    parser = build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices
+    sampling = {"steps", "guidance", "guidance_fraction", "scheduler", "preset"}  # eval's own --seed means another
+    for command, shared in (("generate", set(GenerationRequest.model_fields) - {"prompt"}), ("eval", sampling)):
+        settings = [action for action in commands[command]._actions if action.dest in shared]
+        assert len(settings) >= len(sampling)
+        for action in settings:
+            assert action.help and action.help.startswith(GenerationRequest.model_fields[action.dest].description)
+    text = " ".join(commands["generate"].format_help().split())
+    assert f"Frames per video. Default: the model's own (a start video's length). Takes 1 to {MAX_FRAMES}." in text
+    assert f"Videos per prompt. Default: 1. Takes 1 to {MAX_VIDEOS}." in text
+    assert "noise). Default 0.75. Takes more than 0, at most 1." in text  # --strength
+    assert "DDIM stochasticity (0 = deterministic). Default: 0.0. Takes 0 to 1." in text
+    assert "recorded with the video. Takes 0 or more." in text  # --seed
 
 
 def test_commands_that_load_no_model_run_without_the_model_libraries(tmp_path):

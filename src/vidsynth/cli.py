@@ -16,7 +16,7 @@ from pathlib import Path
 from . import __version__
 from .devices import DEVICE_CHOICES, DTYPE_CHOICES, OFFLOAD_MODES
 from .errors import OutputError, RequestError, UsageError, VidsynthError
-from .request import MAX_PROMPTS, MAX_VIDEOS, PRESETS, SCHEDULERS, GenerationRequest
+from .request import MAX_PROMPTS, MAX_SEED, MAX_VIDEOS, PRESETS, SCHEDULERS, GenerationRequest
 
 # GenerationRequest field -> the CLI flag that sets it, so errors name what the user typed.
 FLAGS = {
@@ -104,6 +104,23 @@ def _before_loading(model: str | None) -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def setting_help(name: str) -> str:
+    """A generation setting's help: its description and the values it takes, as GenerationRequest declares them."""
+    field = GenerationRequest.model_fields[name]
+    bounds = {key: getattr(rule, key) for rule in field.metadata for key in ("ge", "gt", "le") if hasattr(rule, key)}
+    if "gt" in bounds:
+        values = f" Takes more than {bounds['gt']:g}, at most {bounds['le']:g}."
+    elif "ge" in bounds and bounds["le"] < MAX_SEED:  # a seed's upper bound is no help
+        values = f" Takes {bounds['ge']:g} to {bounds['le']:g}."
+    elif "ge" in bounds:
+        values = f" Takes {bounds['ge']:g} or more."
+    else:
+        values = ""
+    default = "" if field.default is None or field.default is False or field.default == "" else \
+        f" Default: {field.default}."
+    return (field.description + default + values).replace("%", "%%")  # argparse formats help with %
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidsynth", description="Text-to-video with ModelScope-architecture models.")
     parser.add_argument("--version", action="version", version=f"vidsynth {__version__}")
@@ -117,28 +134,23 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: a name from the prompt and seed, as .mp4)")
     generate.add_argument("--from", dest="replay", metavar="FILE", help="re-run the settings stored in a video or JSON sidecar")
     generate.add_argument("--model", help="alias, folder or hub id (default: the shipped model)")
-    generate.add_argument("--negative", dest="negative_prompt")
-    generate.add_argument("--seed", type=int)
-    generate.add_argument("--frames", type=int)
-    generate.add_argument("--height", type=int)
-    generate.add_argument("--width", type=int)
-    generate.add_argument("--steps", type=int)
-    generate.add_argument("--guidance", type=float)
-    generate.add_argument("--scheduler", choices=SCHEDULERS)
-    generate.add_argument("--preset", choices=tuple(PRESETS), help="quality (default: the model's own sampling), "
-                          "balanced (DPM-Solver++, half the steps) or fast (also deep-feature reuse and partial guidance)")
-    generate.add_argument("--cache-interval", type=int, help="full UNet every N steps, deep features reused between (1 = off)")
-    generate.add_argument("--guidance-fraction", type=float,
-                          help="guide only this first share of the steps (1 = all; default: the model's own)")
-    generate.add_argument("--eta", type=float)
-    generate.add_argument("--fps", type=int)
-    generate.add_argument("--num-videos", type=int, default=1)
-    generate.add_argument("--init-video", metavar="FILE", help="video-to-video: start from this video (any format "
-                          "vidsynth writes or PyAV reads; an image starts every frame), resized to the output size; "
-                          "frames and fps default to the video's")
-    generate.add_argument("--strength", type=float, help="with --init-video: how far to move from it, the share of "
-                          "the steps run (default 0.75; 1 = from pure noise)")
-    generate.add_argument("--allow-empty-prompt", action="store_true", help="allow unconditional generation")
+    generate.add_argument("--negative", dest="negative_prompt", metavar="TEXT", help=setting_help("negative_prompt"))
+    generate.add_argument("--seed", type=int, help=setting_help("seed"))
+    generate.add_argument("--frames", type=int, help=setting_help("frames"))
+    generate.add_argument("--height", type=int, help=setting_help("height"))
+    generate.add_argument("--width", type=int, help=setting_help("width"))
+    generate.add_argument("--steps", type=int, help=setting_help("steps"))
+    generate.add_argument("--guidance", type=float, help=setting_help("guidance"))
+    generate.add_argument("--scheduler", choices=SCHEDULERS, help=setting_help("scheduler"))
+    generate.add_argument("--preset", choices=tuple(PRESETS), help=setting_help("preset"))
+    generate.add_argument("--cache-interval", type=int, help=setting_help("cache_interval"))
+    generate.add_argument("--guidance-fraction", type=float, help=setting_help("guidance_fraction"))
+    generate.add_argument("--eta", type=float, help=setting_help("eta"))
+    generate.add_argument("--fps", type=int, help=setting_help("fps"))
+    generate.add_argument("--num-videos", type=int, help=setting_help("num_videos"))
+    generate.add_argument("--init-video", metavar="FILE", help=setting_help("init_video"))
+    generate.add_argument("--strength", type=float, help=setting_help("strength"))
+    generate.add_argument("--allow-empty-prompt", action="store_true", help=setting_help("allow_empty_prompt"))
     _add_runtime_options(generate)
     generate.add_argument("--json", action="store_true", help="print the results as JSON on stdout: each video's "
                           "path, settings and the warnings of its request")
@@ -173,11 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seeds", type=int, default=3, help=f"videos per caption, 1-{MAX_VIDEOS} (default 3)")
     evaluate.add_argument("--seed", type=int, default=0, help="the first video's seed (default 0); each further "
                           f"video of a batch of {MAX_PROMPTS} captions takes the next")
-    evaluate.add_argument("--steps", type=int)
-    evaluate.add_argument("--guidance", type=float)
-    evaluate.add_argument("--guidance-fraction", type=float, help="guide only this first share of the steps")
-    evaluate.add_argument("--scheduler", choices=SCHEDULERS)
-    evaluate.add_argument("--preset", choices=tuple(PRESETS))
+    evaluate.add_argument("--steps", type=int, help=setting_help("steps"))
+    evaluate.add_argument("--guidance", type=float, help=setting_help("guidance"))
+    evaluate.add_argument("--guidance-fraction", type=float, help=setting_help("guidance_fraction"))
+    evaluate.add_argument("--scheduler", choices=SCHEDULERS, help=setting_help("scheduler"))
+    evaluate.add_argument("--preset", choices=tuple(PRESETS), help=setting_help("preset"))
     evaluate.add_argument("--json", dest="json_path", metavar="FILE", help="write every result as JSON here")
     _add_runtime_options(evaluate)
     evaluate.set_defaults(run=run_eval)
@@ -225,10 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
-    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                        help="where to run (default auto: a CUDA GPU, else Apple's MPS, else the CPU)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="precision (default auto: float16 on CUDA, bfloat16 on a CPU with native bf16, else float32)")
     parser.add_argument("--offload", default="none", choices=OFFLOAD_MODES,
-                        help="keep weights on the CPU and move them to the GPU as needed (for small GPUs)")
+                        help="keep weights on the CPU and move them to the GPU as needed (for small GPUs): a model at "
+                        "a time, or layer by layer (sequential)")
     parser.add_argument("--forward-chunking", action=argparse.BooleanOptionalAction, default=None,
                         help="low-memory mode: feed-forward layers one frame at a time, and on the CPU freed memory "
                         "handed back between steps (slower). Default: on the CPU when a video would not fit otherwise")
@@ -269,7 +284,8 @@ def request_from_args(args) -> tuple[GenerationRequest, str | None]:
         fields["init_video"] = str(Path(args.init_video).expanduser().absolute())
     if args.preset is not None:
         fields["preset"] = args.preset
-    fields["num_videos"] = args.num_videos
+    if args.num_videos is not None:
+        fields["num_videos"] = args.num_videos
     fields["allow_empty_prompt"] = args.allow_empty_prompt
     return GenerationRequest.create(**fields), args.model or model
 

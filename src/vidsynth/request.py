@@ -82,28 +82,39 @@ class GenerationRequest(BaseModel):
     prompt: Union[str, list[str]] = Field(description="Text prompt, or a list of prompts (one batch of videos each).")
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARACTERS,
                                  description="What to steer away from; empty as in ModelScope's own pipeline.")
-    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="Video i of the request uses seed + i.")
-    frames: Optional[int] = Field(None, ge=1, le=MAX_FRAMES)
-    height: Optional[int] = Field(None, ge=8, le=MAX_SIDE, description="Pixels; a multiple of 8.")
-    width: Optional[int] = Field(None, ge=8, le=MAX_SIDE, description="Pixels; a multiple of 8.")
-    steps: Optional[int] = Field(None, ge=1, le=MAX_STEPS)
-    guidance: Optional[float] = Field(None, ge=0.0, le=100.0, allow_inf_nan=False)
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="Video i of the request uses seed + i. Default: "
+                                "drawn at random, and recorded with the video.")
+    frames: Optional[int] = Field(None, ge=1, le=MAX_FRAMES, description="Frames per video. Default: the model's "
+                                  "own (a start video's length).")
+    height: Optional[int] = Field(None, ge=8, le=MAX_SIDE, description="Pixels; a multiple of 8. Default: the "
+                                  "model's own.")
+    width: Optional[int] = Field(None, ge=8, le=MAX_SIDE, description="Pixels; a multiple of 8. Default: the "
+                                 "model's own.")
+    steps: Optional[int] = Field(None, ge=1, le=MAX_STEPS, description="Denoising steps. Default: the model's own, "
+                                 "fewer with the balanced and fast presets.")
+    guidance: Optional[float] = Field(None, ge=0.0, le=100.0, allow_inf_nan=False, description="Classifier-free "
+                                      "guidance scale: how closely to follow the prompt (1 = unguided, one UNet pass "
+                                      "a step). Default: the model's own.")
     scheduler: Optional[Literal[SCHEDULERS]] = Field(None, description="Sampler; default: the preset's (ddim).")
-    preset: Literal[tuple(PRESETS)] = Field("quality", description="quality (the model's own sampling), balanced or fast.")
+    preset: Literal[tuple(PRESETS)] = Field("quality", description="quality (the model's own sampling), balanced "
+                                            "(DPM-Solver++, half the steps) or fast (also deep-feature reuse and "
+                                            "partial guidance).")
     cache_interval: Optional[int] = Field(None, ge=1, le=10, description="Run the full UNet every N steps, reusing "
                                           "deep features between (DeepCache); 1 = off. Default: the preset's.")
     guidance_fraction: Optional[float] = Field(None, gt=0.0, le=1.0, allow_inf_nan=False, description="Guide only the "
                                                "first share of the steps (1 = all). Default: the model's own share "
                                                "(1 for most models), at most the preset's.")
     eta: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="DDIM stochasticity (0 = deterministic).")
-    fps: Optional[int] = Field(None, ge=1, le=MAX_FPS)
+    fps: Optional[int] = Field(None, ge=1, le=MAX_FPS, description="Frames per second of the video file. Default: "
+                               "the model's own (a start video's).")
     num_videos: int = Field(1, ge=1, le=MAX_VIDEOS, description="Videos per prompt.")
     init_video: Optional[str] = Field(None, min_length=1, max_length=4096, description="Video-to-video: start from "
-                                      "this video (a file or PNG folder; over HTTP, the id of an upload or of a "
-                                      "completed job, 'ID/INDEX' for another of its videos), or from a still image, "
-                                      "which starts every frame. Resized to height x width; frames and fps default to the video's.")
-    strength: Optional[float] = Field(None, gt=0.0, le=1.0, allow_inf_nan=False, description="With init_video: how "
-                                      f"far to move from it, the share of the steps run (1 = all, from pure noise). "
+                                      "this video (a file in any format vidsynth writes or PyAV reads, or a PNG "
+                                      "folder; over HTTP, the id of an upload or of a completed job, 'ID/INDEX' for "
+                                      "another of its videos), or from a still image, which starts every frame. "
+                                      "Resized to height x width; frames and fps default to the video's.")
+    strength: Optional[float] = Field(None, gt=0.0, le=1.0, allow_inf_nan=False, description="With a start video "
+                                      f"(init_video): how far to move from it, the share of the steps run (1 = all, from pure noise). "
                                       f"Default {DEFAULT_STRENGTH}.")
 
     @field_validator("prompt")
