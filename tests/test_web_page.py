@@ -12,6 +12,8 @@ import pytest
 from PIL import Image
 
 from conftest import LiveServer
+from vidsynth import GenerationRequest
+from vidsynth.request import MAX_FRAMES, MAX_SIDE
 from vidsynth.server import ServerSettings, create_app
 from vidsynth.video import read_frames
 
@@ -60,6 +62,11 @@ def test_make_watch_download_cancel_and_history(browser, site, artifacts, tmp_pa
     assert page.get_attribute("#steps", "placeholder") == "3"
     assert page.locator("#scheduler option").first.text_content() == "preset's (dpm++)"
     page.select_option("#preset", "quality")
+    # Each field's range and meaning come from the request's schema, the rules the server applies.
+    assert (page.get_attribute("#frames", "min"), page.get_attribute("#frames", "max")) == ("1", str(MAX_FRAMES))
+    assert (page.get_attribute("#width", "min"), page.get_attribute("#width", "max")) == ("8", str(MAX_SIDE))
+    assert (page.get_attribute("#seed", "min"), page.get_attribute("#seed", "max")) == ("0", None)  # 2^63-1: inexact
+    assert page.get_attribute("#steps", "title") == GenerationRequest.model_fields["steps"].description
 
     # A bad setting is shown next to its field.
     page.fill("#prompt", "a red circle moving left on a black background")

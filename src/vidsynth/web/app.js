@@ -60,6 +60,20 @@ function fillForm(request) {
   window.scrollTo({ top: 0, behavior: "smooth" });
 }
 
+// Each field's meaning (as a tooltip) and its range, from the request schema the server validates with: the page
+// keeps no copy of the rules. A 63-bit seed's bound is beyond a JavaScript number's exact range and is left out.
+function describeFields(schema) {
+  const exact = (bound) => bound !== undefined && Math.abs(bound) <= Number.MAX_SAFE_INTEGER;
+  for (const name of FIELDS) {
+    const property = schema.properties[name];
+    const rule = property.anyOf?.find((option) => option.type !== "null") ?? property;
+    $(name).title = property.description ?? "";
+    const lowest = rule.minimum ?? rule.exclusiveMinimum;
+    if (exact(lowest)) $(name).min = lowest;
+    if (exact(rule.maximum)) $(name).max = rule.maximum;
+  }
+}
+
 // Video-to-video: the next job starts from an upload or a finished job's video (by id), or from noise when `id` is
 // empty. `label` says what it is.
 function startFrom(id, label) {
@@ -280,6 +294,7 @@ async function start() {
     for (const name of settings.schedulers) $("scheduler").add(new Option(name, name));
     for (const name of settings.presets) $("preset").add(new Option(name, name));
     for (const [name, value] of Object.entries(settings.defaults)) if ($(name)) $(name).placeholder = value;
+    describeFields(settings.schema);
     // What the chosen preset sets for this model, as the server resolves it, shown where the settings are left empty.
     const showPreset = () => {
       const chosen = settings.preset_settings[$("preset").value];
