@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .request import ModelDefaults
+from .request import ModelDefaults, checked_defaults
 
 SHIPPED_MODEL = "vidsynth-tiny"
 DEFAULTS_FILE = "vidsynth.json"  # native settings (and training vocabulary) vidsynth writes beside the weights it saves
@@ -26,7 +26,7 @@ def package_model_path(name: str) -> Path:
 
 def _packaged_defaults(name: str) -> ModelDefaults:
     # A packaged model's native settings are the vidsynth.json saved with its weights, kept in that one place.
-    return ModelDefaults(**json.loads((package_model_path(name) / DEFAULTS_FILE).read_text())["defaults"])
+    return checked_defaults(json.loads((package_model_path(name) / DEFAULTS_FILE).read_text())["defaults"])
 
 
 KNOWN_MODELS = {
