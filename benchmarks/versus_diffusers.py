@@ -57,11 +57,18 @@ def full_size_vae(dtype: torch.dtype):
     return vae.to(dtype).eval().requires_grad_(False)
 
 
+def full_size_text_encoder(dtype: torch.dtype):
+    """OpenCLIP ViT-H-14's text tower up to the block ModelScope reads, as the diffusers port configures it."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096,
+                                        num_hidden_layers=23, num_attention_heads=16, hidden_act="gelu",
+                                        max_position_embeddings=77, projection_dim=1024)).to(dtype)
+
+
 def full_size_components(dtype: torch.dtype, device: torch.device = torch.device("cpu")):
     """ms-1.7b's configuration (the same as the diffusers port's config files) with random weights, the UNet's drawn
     on `device` (1.7B normal draws take a minute on a CPU)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     from vidsynth.loading import Components
     from vidsynth.modelscope_format import MS_1_7B, openclip_tokenizer, unet_from_config
     from vidsynth.request import ModelDefaults
@@ -71,9 +78,7 @@ def full_size_components(dtype: torch.dtype, device: torch.device = torch.device
         unet = unet_from_config(MS_1_7B)
     unet = random_fill(unet.to_empty(device=device).to(dtype))
     vae = full_size_vae(dtype)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096,
-                                        num_hidden_layers=23, num_attention_heads=16, hidden_act="gelu",
-                                        max_position_embeddings=77, projection_dim=1024)).to(dtype)
+    text = full_size_text_encoder(dtype)
     for module in (unet, vae, text):
         module.eval().requires_grad_(False)
     return Components(tokenizer=openclip_tokenizer(), text_encoder=text, unet=unet, vae=vae, schedule=None,

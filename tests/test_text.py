@@ -29,6 +29,22 @@ def test_a_prompt_that_fits_is_encoded_as_before(tiny_pipeline, tokenizer):
         assert torch.equal(torch.cat(encoded), plain_encoding(tiny_pipeline, texts))
 
 
+def test_a_text_given_twice_is_encoded_once(tiny_pipeline, tokenizer):
+    """A generation encodes its negative prompt and the empty prompt, most often the same text."""
+    encoder = tiny_pipeline.components.text_encoder
+    batches = []
+    hook = encoder.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            negative, empty, prompt, again = encode_texts(tokenizer, encoder, ["", "", WORDS, WORDS], CPU)
+    finally:
+        hook.remove()
+    assert batches == [3]  # one window for "", two for the long prompt
+    assert torch.equal(negative, empty) and torch.equal(prompt, again) and prompt.shape[1] == 2 * 77
+    with torch.no_grad():
+        assert torch.allclose(prompt, encode_texts(tokenizer, encoder, [WORDS], CPU)[0], atol=1e-6)  # batch apart
+
+
 def test_windows_end_after_a_phrase_or_a_whole_word(tokenizer):
     windows = token_windows(tokenizer, WORDS)
     assert [len(window) for window in windows] == [75, 25]

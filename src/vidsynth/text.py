@@ -44,16 +44,19 @@ def _window_end(tokens: list[str], size: int) -> int:
 
 def encode_texts(tokenizer, text_encoder: torch.nn.Module, texts: list[str],
                  device: torch.device) -> list[torch.Tensor]:
-    """Each text's encoding, 1 x (77 x its windows) x width: every window of every text in one batch."""
+    """Each text's encoding, 1 x (77 x its windows) x width: every window of every distinct text in one batch (the
+    negative prompt is usually the empty one, which a generation also encodes)."""
     length = tokenizer.model_max_length
-    windows = [token_windows(tokenizer, text) for text in texts]
+    distinct = list(dict.fromkeys(texts))
+    windows = [token_windows(tokenizer, text) for text in distinct]
     rows = []
     for window in (w for text_windows in windows for w in text_windows):
         ids = [tokenizer.bos_token_id, *window, tokenizer.eos_token_id]
         rows.append(ids + [tokenizer.pad_token_id] * (length - len(ids)))
     encoded = text_encoder(torch.tensor(rows, device=device)).last_hidden_state
     width = encoded.shape[-1]
-    return [part.reshape(1, -1, width) for part in encoded.split([len(w) for w in windows])]
+    by_text = dict(zip(distinct, (part.reshape(1, -1, width) for part in encoded.split([len(w) for w in windows]))))
+    return [by_text[text] for text in texts]
 
 
 def padded_to_match(first: torch.Tensor, second: torch.Tensor,
