@@ -56,6 +56,20 @@ def test_bad_input_exits_2_with_the_reason_and_writes_nothing(args, message, tmp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_running_out_of_memory_exits_1_saying_what_to_change_and_writes_nothing(tiny_model_dir, tmp_path, monkeypatch,
+                                                                               capsys):
+    from vidsynth.pipeline import Pipeline
+
+    def denoise(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes.")
+
+    monkeypatch.setattr(Pipeline, "denoise", denoise)
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "a red circle", "--model", str(tiny_model_dir), *SMALL, "-o", "video.mp4"]) == 1
+    assert "out of memory making the video (cpu, float32); try --forward-chunking" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unknown_scheduler_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["generate", "x", "--scheduler", "plms"])

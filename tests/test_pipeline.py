@@ -1,6 +1,8 @@
 """Generation behaviour on a tiny random model: seeds, batching, samplers, progress, cancellation, failures."""
 
+import copy
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from diffusers.models.attention import FeedForward
 from diffusers.models.unets.unet_3d_condition import UNet3DConditionOutput
 
 import vidsynth
-from vidsynth import Cancelled, GenerationRequest, NumericalError, devices, pipeline as pipeline_module
+from vidsynth import Cancelled, GenerationRequest, NumericalError, OutOfMemoryError, devices, pipeline as pipeline_module
 from vidsynth.schedulers import MODELSCOPE_SCHEDULE, SCRATCH_SCHEDULE
 
 SMALL = dict(frames=3, height=32, width=32, steps=3)
@@ -92,6 +94,40 @@ def test_nan_is_reported_with_a_remedy_not_written(tiny_model_dir):
         pipeline.components.unet.conv_out.bias.fill_(float("nan"))
     with pytest.raises(NumericalError, match="--dtype float32"):
         pipeline("a red circle", progress=False, seed=0, **SMALL)
+
+
+CPU_ALLOCATOR_FAILURE = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                         "you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.parametrize("kind, message", [(RuntimeError, CPU_ALLOCATOR_FAILURE),
+                                           (torch.OutOfMemoryError, "CUDA out of memory. Tried to allocate 20.00 GiB")])
+def test_running_out_of_memory_says_what_to_change_and_frees_the_run(tiny_pipeline, monkeypatch, kind, message):
+    held = []
+
+    def denoise(*args, **kwargs):
+        latents = torch.zeros(1, 4, 3, 4, 4)
+        held.append(weakref.ref(latents))
+        raise kind(message)
+
+    monkeypatch.setattr(tiny_pipeline, "denoise", denoise)
+    with pytest.raises(OutOfMemoryError, match=r"out of memory .*\(cpu, float32\); try --forward-chunking, fewer "
+                                               r"frames or a smaller size$") as raised:
+        frames_of(tiny_pipeline)
+    assert raised.value.__context__ is None and held[0]() is None  # the failed run's tensors are gone
+    monkeypatch.setattr(tiny_pipeline, "denoise", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("bug")))
+    with pytest.raises(RuntimeError, match="^bug$"):  # any other failure is left as it is
+        frames_of(tiny_pipeline)
+
+
+def test_out_of_memory_advice_names_what_is_left_to_change(tiny_pipeline):
+    on_gpu = copy.copy(tiny_pipeline)
+    on_gpu.device, on_gpu.dtype = torch.device("cuda"), torch.float32
+    assert on_gpu.out_of_memory_advice() == (
+        "out of GPU memory making the video (cuda, float32); try --offload model (or --offload sequential: the least "
+        "memory, slowest), --forward-chunking, --dtype float16, fewer frames or a smaller size")
+    on_gpu.offload, on_gpu.forward_chunking, on_gpu.dtype = "model", True, torch.float16
+    assert on_gpu.out_of_memory_advice().endswith("try --offload sequential, fewer frames or a smaller size")
 
 
 def test_fast_paths_match_the_plain_path(tiny_model_dir, tiny_pipeline):

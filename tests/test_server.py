@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import LiveServer, read_events
@@ -517,6 +518,23 @@ def test_a_start_video_deleted_before_its_job_runs_fails_that_job_with_the_reaso
     failed = wait_for(client, waiting["id"])
     assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_request"
     assert failed["error"]["message"] == f"init_video: no video job {start['id']!r}"
+
+
+def test_a_job_that_runs_out_of_memory_fails_saying_what_to_change_and_the_next_job_runs(client, shipped_pipeline,
+                                                                                         monkeypatch):
+    original = shipped_pipeline.denoise
+
+    def denoise(noise, *args, **kwargs):
+        if noise.shape[2] == 12:  # this test's 12-frame video does not fit
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return original(noise, *args, **kwargs)
+
+    monkeypatch.setattr(shipped_pipeline, "denoise", denoise)
+    failed = wait_for(client, submit(client, frames=12, steps=4)["id"])
+    assert failed["status"] == "failed" and failed["error"]["code"] == "OutOfMemoryError"
+    assert failed["error"]["message"].startswith("out of memory making the video") and "fewer frames" in \
+        failed["error"]["message"]
+    assert wait_for(client, submit(client, **FAST)["id"])["status"] == "completed"
 
 
 def _png(image: np.ndarray) -> bytes:

@@ -2,15 +2,15 @@
 
 __version__ = "0.1.0"
 
-from .errors import (Cancelled, InputError, ModelError, ModelUnavailableError, NumericalError, OutputError,
-                     RequestError, VidsynthError)
+from .errors import (Cancelled, InputError, ModelError, ModelUnavailableError, NumericalError, OutOfMemoryError,
+                     OutputError, RequestError, VidsynthError)
 from .events import Event, GenerationWarning
 from .request import GenerationRequest, ModelDefaults
 from .video import Video, Videos, read_frames, read_settings
 
 __all__ = [
     "Cancelled", "Event", "GenerationRequest", "GenerationWarning", "InputError", "ModelDefaults", "ModelError",
-    "ModelUnavailableError", "NumericalError", "OutputError", "Pipeline", "RequestError", "Video", "Videos",
+    "ModelUnavailableError", "NumericalError", "OutOfMemoryError", "OutputError", "Pipeline", "RequestError", "Video", "Videos",
     "VidsynthError", "load", "read_frames", "read_settings", "__version__",
 ]
 

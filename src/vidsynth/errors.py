@@ -52,6 +52,10 @@ class NumericalError(VidsynthError):
     """NaN or inf appeared in the latents or decoded frames; the message names a dtype to retry with."""
 
 
+class OutOfMemoryError(VidsynthError):
+    """The device ran out of memory making a video; the message names the settings that need less."""
+
+
 class Cancelled(VidsynthError):
     """Raised from a progress callback to stop a generation; nothing is written."""
 

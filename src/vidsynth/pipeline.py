@@ -24,7 +24,7 @@ from .cpu_memory import available_memory_bytes, free_memory_handed_back, freed_m
 from .cuda_graphs import CudaGraphedForward
 from .data import caption_words
 from .devices import OFFLOAD_MODES, dtype_name, resolve_device, resolve_dtype
-from .errors import NumericalError, RequestError
+from .errors import NumericalError, OutOfMemoryError, RequestError
 from .events import Callback, Event, emit
 from .loading import Components, load_components
 from .request import MAX_FPS, MAX_FRAMES, GenerationRequest
@@ -56,6 +56,13 @@ def load(model: Optional[str] = None, *, device: str = "auto", dtype: str = "aut
     components = load_components(model, dtype=torch_dtype)
     return Pipeline(components, torch_device, torch_dtype, offload=offload, forward_chunking=forward_chunking,
                     compile=compile, decode_chunk=decode_chunk)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether a failure was an allocation the device could not make: CUDA's own error, or the CPU's and MPS's
+    allocators, which raise a plain RuntimeError."""
+    return isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError) and any(
+        sign in str(error) for sign in ("DefaultCPUAllocator: can't allocate memory", "MPS backend out of memory")))
 
 
 def initial_noise(generator: torch.Generator, frames: int, latent_height: int, latent_width: int,
@@ -200,10 +207,21 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------------ the main loop
 
-    @torch.inference_mode()  # modules built by hand may still require grad: never keep activations for autograd
     def generate(self, request: GenerationRequest, callback: Callback = None) -> Videos:
         """Make every video the request asks for. Warnings reach the callback as events with a message; raise
-        Cancelled from it to stop."""
+        Cancelled from it to stop. Running out of memory raises OutOfMemoryError, saying what needs less."""
+        try:
+            return self._generate(request, callback)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            if not is_out_of_memory(exc):
+                raise
+        # Raised here, past the handler, so that the failed run's tensors are freed before the advice is given.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise OutOfMemoryError(self.out_of_memory_advice())
+
+    @torch.inference_mode()  # modules built by hand may still require grad: never keep activations for autograd
+    def _generate(self, request: GenerationRequest, callback: Callback) -> Videos:
         request, source = self._prepare(request)
         prompts, count = request.prompts, request.total_videos
         latent_shape = self.latent_shape(request)
@@ -402,6 +420,22 @@ class Pipeline:
                 images.append((((decoded + 1) / 2).clamp(0, 1) * 255).round().to(torch.uint8).cpu())
                 on_chunk(index + 1, len(chunks))
         return torch.cat(images).permute(0, 2, 3, 1).contiguous().numpy()  # frames x height x width x 3
+
+    def out_of_memory_advice(self) -> str:
+        """What to change when a video did not fit in memory, of what this pipeline can still change."""
+        gpu = self.device.type != "cpu"
+        changes = []
+        if gpu and self.offload == "none":
+            changes.append("--offload model (or --offload sequential: the least memory, slowest)")
+        elif gpu and self.offload == "model":
+            changes.append("--offload sequential")
+        if not self.forward_chunking:
+            changes.append("--forward-chunking")
+        if gpu and self.dtype == torch.float32:
+            changes.append("--dtype float16")
+        changes.append("fewer frames or a smaller size")
+        return (f"out of {'GPU ' if gpu else ''}memory making the video ({self.device.type}, {dtype_name(self.dtype)});"
+                f" try {', '.join(changes)}")
 
     def settings_for(self, request: GenerationRequest, prompt: str, seed: int) -> dict:
         """What a video file records about how it was made; enough to make it again."""
