@@ -215,7 +215,8 @@ class Pipeline:
         except RuntimeError as exc:  # torch.OutOfMemoryError is one
             if not is_out_of_memory(exc):
                 raise
-        # Raised here, past the handler, so that the failed run's tensors are freed before the advice is given.
+        # Raised past the handler: raised in it, the new error would hold the old one's traceback, and through it the
+        # failed run's tensors, for as long as a caller (a server's worker, a notebook) keeps the new error.
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         raise OutOfMemoryError(self.out_of_memory_advice())
