@@ -12,7 +12,8 @@ from diffusers.models.attention import FeedForward
 from diffusers.models.unets.unet_3d_condition import UNet3DConditionOutput
 
 import vidsynth
-from vidsynth import Cancelled, GenerationRequest, NumericalError, OutOfMemoryError, devices, pipeline as pipeline_module
+from vidsynth import (Cancelled, GenerationRequest, NumericalError, OutOfMemoryError, devices,
+                      pipeline as pipeline_module)
 from vidsynth.schedulers import MODELSCOPE_SCHEDULE, SCRATCH_SCHEDULE
 
 SMALL = dict(frames=3, height=32, width=32, steps=3)

@@ -10,8 +10,8 @@ from .video import Video, Videos, read_frames, read_settings
 
 __all__ = [
     "Cancelled", "Event", "GenerationRequest", "GenerationWarning", "InputError", "ModelDefaults", "ModelError",
-    "ModelUnavailableError", "NumericalError", "OutOfMemoryError", "OutputError", "Pipeline", "RequestError", "Video", "Videos",
-    "VidsynthError", "load", "read_frames", "read_settings", "__version__",
+    "ModelUnavailableError", "NumericalError", "OutOfMemoryError", "OutputError", "Pipeline", "RequestError", "Video",
+    "Videos", "VidsynthError", "load", "read_frames", "read_settings", "__version__",
 ]
 
 

@@ -240,7 +240,8 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
                         help="where to run (default auto: a CUDA GPU, else Apple's MPS, else the CPU)")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                        help="precision (default auto: float16 on CUDA, bfloat16 on a CPU with native bf16, else float32)")
+                        help="precision (default auto: float16 on CUDA, bfloat16 on a CPU with native bf16, else "
+                        "float32)")
     parser.add_argument("--offload", default="none", choices=OFFLOAD_MODES,
                         help="keep weights on the CPU and move them to the GPU as needed (for small GPUs): a model at "
                         "a time, or layer by layer (sequential)")

@@ -114,8 +114,8 @@ class GenerationRequest(BaseModel):
                                       "another of its videos), or from a still image, which starts every frame. "
                                       "Resized to height x width; frames and fps default to the video's.")
     strength: Optional[float] = Field(None, gt=0.0, le=1.0, allow_inf_nan=False, description="With a start video "
-                                      f"(init_video): how far to move from it, the share of the steps run (1 = all, from pure noise). "
-                                      f"Default {DEFAULT_STRENGTH}.")
+                                      "(init_video): how far to move from it, the share of the steps run (1 = all, "
+                                      f"from pure noise). Default {DEFAULT_STRENGTH}.")
 
     @field_validator("prompt")
     @classmethod
