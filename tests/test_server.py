@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from conftest import LiveServer, read_events
+from vidsynth import InputError, ModelError, NumericalError, OutOfMemoryError, RequestError
 import vidsynth.server as server_module
 from vidsynth.jobs import JobChanges
 from vidsynth.request import MAX_FRAMES, MAX_SIDE, GenerationRequest
@@ -461,11 +462,15 @@ def test_serve_without_the_server_extra_says_what_to_install(package):
     assert "Traceback" not in done.stderr
 
 
-def test_the_readme_names_every_field_a_job_takes():
+def test_the_readme_names_every_field_a_job_takes_and_every_code_a_failed_job_gives():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     row = next(line for line in readme.splitlines() if line.startswith("| `POST /v1/videos` |"))
     fields = re.findall(r"`([a-z_]+)`", row.split("(as the CLI:", 1)[1].split(")", 1)[0])
     assert sorted(fields) == sorted(GenerationRequest.model_fields)
+    row = next(line for line in readme.splitlines() if line.startswith("| `GET /v1/videos/{id}` |"))
+    codes = re.findall(r"`([a-z_]+)`", row.split("a failed job's `code`:", 1)[1].split(")", 1)[0])
+    raised_in_a_job = (RequestError, InputError, ModelError, NumericalError, OutOfMemoryError)
+    assert sorted(codes) == sorted([error.code for error in raised_in_a_job] + ["interrupted", "internal_error"])
 
 
 def test_a_job_starts_from_a_finished_jobs_video(client, server):
@@ -531,7 +536,7 @@ def test_a_job_that_runs_out_of_memory_fails_saying_what_to_change_and_the_next_
 
     monkeypatch.setattr(shipped_pipeline, "denoise", denoise)
     failed = wait_for(client, submit(client, frames=12, steps=4)["id"])
-    assert failed["status"] == "failed" and failed["error"]["code"] == "OutOfMemoryError"
+    assert failed["status"] == "failed" and failed["error"]["code"] == "out_of_memory"
     assert failed["error"]["message"].startswith("out of memory making the video") and "fewer frames" in \
         failed["error"]["message"]
     assert wait_for(client, submit(client, **FAST)["id"])["status"] == "completed"

@@ -17,7 +17,7 @@ from typing import Optional
 
 from PIL import Image
 
-from .errors import Cancelled, RequestError, VidsynthError
+from .errors import Cancelled, VidsynthError
 from .events import Event
 from .jobs import CANCELED, COMPLETED, FAILED, JobChanges, JobStore
 from .request import GenerationRequest
@@ -153,11 +153,8 @@ class Worker:
         except Cancelled:
             self._finish(job_id, CANCELED)
             return
-        except RequestError as exc:
-            self._finish(job_id, FAILED, ("invalid_request", str(exc)))
-            return
         except VidsynthError as exc:
-            self._finish(job_id, FAILED, (type(exc).__name__, str(exc)))
+            self._finish(job_id, FAILED, (exc.code, str(exc)))
             return
         except Exception as exc:
             log.exception("job %s failed", job_id)
