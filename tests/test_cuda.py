@@ -74,6 +74,24 @@ def test_warm_up_captures_what_the_models_own_video_needs(tiny_model_dir):
     assert len(steps) == 1 and all(steps.get(key) is step for key, step in captured.items())  # replayed, not anew
 
 
+def test_a_video_too_large_for_the_gpu_says_what_to_change_and_leaves_the_graphs_on(tiny_model_dir):
+    pipeline = vidsynth.load(str(tiny_model_dir), device="cuda", dtype="float32")
+    expected = pipeline("a red circle", **SETTINGS).frames
+    captured = dict(pipeline.unet_forward.steps)
+    before = torch.cuda.memory_allocated()
+    torch.cuda.set_per_process_memory_fraction(2**30 / torch.cuda.get_device_properties(0).total_memory)  # 1 GiB
+    try:
+        with pytest.raises(vidsynth.OutOfMemoryError, match="try --offload model"):
+            # The tiny VAE scales by 2: one of the UNet's first activations alone is 2 GiB.
+            pipeline("a red circle", frames=32, height=1024, width=1024, steps=1, progress=False)
+        assert torch.cuda.memory_allocated() <= before + 2**20  # the failed run's tensors are gone
+        assert not pipeline.unet_forward.failed
+        assert np.array_equal(pipeline("a red circle", **SETTINGS).frames, expected)
+        assert all(pipeline.unet_forward.steps.get(key) is step for key, step in captured.items())  # replayed
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
 @pytest.mark.skipif(not os.environ.get("VIDSYNTH_SLOW"), reason="compiles with inductor (minutes): opt in with "
                     "VIDSYNTH_SLOW=1")
 def test_the_compiled_unet_gives_the_eager_frames(tiny_model_dir):

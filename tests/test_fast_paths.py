@@ -28,6 +28,7 @@ from vidsynth.convolution import (TemporalConvAs2d, Winograd3x3, WinogradTempora
 from vidsynth import cpu_memory, pipeline as pipeline_module
 from vidsynth.cpu_memory import available_memory_bytes, freed_memory_reused
 from vidsynth.cuda_graphs import CudaGraphedForward
+from vidsynth.devices import is_out_of_memory
 from vidsynth.loading import load_components
 from vidsynth.pipeline import compile_unet, convolution_rewrites, denoising_memory_bytes, frames_per_decode
 
@@ -354,6 +355,32 @@ def test_cuda_graphed_forward_runs_eagerly_when_capturing_fails(fake_cuda_graphs
     with torch.no_grad():
         assert torch.equal(graphed(sample, 400, context), noise_prediction(unet)(sample, torch.tensor(400), context))
     assert graphed.failed and FakeGraph.captured == 1  # not tried again
+
+
+@pytest.mark.parametrize("ending_the_capture_fails", [False, True])
+def test_cuda_graphed_forward_leaves_running_out_of_memory_to_the_caller(fake_cuda_graphs, ending_the_capture_fails):
+    """A video too large for the GPU must not turn CUDA graphs off for the smaller ones after it."""
+    unet = randomize(tiny_unet(), 7)
+
+    def too_large_to_capture(sample, timestep, context):
+        if sample.shape[2] > 3 and FakeGraph.capturing is not None:
+            try:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            finally:  # a failed capture can fail again as it ends, with the out-of-memory error as its context
+                if ending_the_capture_fails:
+                    raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        return recordable(unet)(sample, timestep, context)
+
+    graphed = CudaGraphedForward(too_large_to_capture)
+    small, large = torch.randn(2, 4, 3, 16, 16), torch.randn(2, 4, 8, 16, 16)
+    context = torch.randn(2, 77, 32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "running it eagerly"
+        with pytest.raises(RuntimeError) as raised:
+            graphed(large, 500, context)
+        assert is_out_of_memory(raised.value) and not graphed.failed
+        assert torch.equal(graphed(small, 500, context), noise_prediction(unet)(small, torch.tensor(500), context))
+    assert FakeGraph.captured == 2 and len(graphed.steps) == 1  # the small video's step was captured
 
 
 @pytest.fixture(scope="module")

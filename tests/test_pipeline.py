@@ -101,15 +101,29 @@ CPU_ALLOCATOR_FAILURE = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultC
                          "you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
 
 
-@pytest.mark.parametrize("kind, message", [(RuntimeError, CPU_ALLOCATOR_FAILURE),
-                                           (torch.OutOfMemoryError, "CUDA out of memory. Tried to allocate 20.00 GiB")])
-def test_running_out_of_memory_says_what_to_change_and_frees_the_run(tiny_pipeline, monkeypatch, kind, message):
+def cpu_allocator_fails():
+    raise RuntimeError(CPU_ALLOCATOR_FAILURE)
+
+
+def cuda_allocator_fails():
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def cuda_graph_capture_fails_as_it_ends():
+    try:
+        cuda_allocator_fails()
+    finally:
+        raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+
+@pytest.mark.parametrize("fail", [cpu_allocator_fails, cuda_allocator_fails, cuda_graph_capture_fails_as_it_ends])
+def test_running_out_of_memory_says_what_to_change_and_frees_the_run(tiny_pipeline, monkeypatch, fail):
     held = []
 
     def denoise(*args, **kwargs):
         latents = torch.zeros(1, 4, 3, 4, 4)
         held.append(weakref.ref(latents))
-        raise kind(message)
+        fail()
 
     monkeypatch.setattr(tiny_pipeline, "denoise", denoise)
     with pytest.raises(OutOfMemoryError, match=r"out of memory .*\(cpu, float32\); try --forward-chunking, fewer "

@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from .devices import is_out_of_memory
+
 MAX_GRAPHS = 2  # guided and unguided steps of one video shape; more shapes would each hold a forward's activations
 
 
@@ -33,7 +35,8 @@ class CudaGraphedForward:
     """`forward(sample, timestep, context) -> tensor`, replayed from a graph captured once per input shape.
 
     Falls back to calling `forward` eagerly, with a warning, if capturing fails (an operator that synchronises with
-    the CPU cannot be captured)."""
+    the CPU cannot be captured); not when it ran out of memory, which a smaller video would not, so that error is the
+    caller's and later shapes are captured as before."""
 
     def __init__(self, forward: Callable[..., torch.Tensor]):
         self.forward = forward
@@ -52,6 +55,8 @@ class CudaGraphedForward:
             try:
                 step = self.capture(inputs)
             except RuntimeError as error:
+                if is_out_of_memory(error):
+                    raise
                 warnings.warn(f"the UNet could not be captured as a CUDA graph, running it eagerly: {error}")
                 self.failed, self.steps = True, OrderedDict()
                 return self.forward(*inputs)

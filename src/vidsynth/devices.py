@@ -1,4 +1,5 @@
-"""Choosing the device and dtype a model runs in, and the names of those settings.
+"""Choosing the device and dtype a model runs in, the names of those settings, and telling a device's running out
+of memory from its other failures.
 
 torch is imported where it is used: the command line builds its options from the names here without it.
 """
@@ -60,6 +61,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         warnings.warn(f"{dtype_name(dtype)} is emulated on this CPU, many times slower than float32 "
                       f'(what dtype "auto" picks here)', stacklevel=3)  # the caller of vidsynth.load
     return dtype
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether a failure was an allocation the device could not make: CUDA's own error, or the CPU's and MPS's
+    allocators' RuntimeErrors; or an error raised while one of those was on its way out (ending a CUDA graph's
+    capture can fail so)."""
+    import torch
+    signs = ("DefaultCPUAllocator: can't allocate memory", "MPS backend out of memory")
+    return any(isinstance(cause, torch.OutOfMemoryError)
+               or (isinstance(cause, RuntimeError) and any(sign in str(cause) for sign in signs))
+               for cause in (error, error.__context__))
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -23,7 +23,7 @@ from .convolution import rewritten_convolutions
 from .cpu_memory import available_memory_bytes, free_memory_handed_back, freed_memory_reused
 from .cuda_graphs import CudaGraphedForward
 from .data import caption_words
-from .devices import OFFLOAD_MODES, dtype_name, resolve_device, resolve_dtype
+from .devices import OFFLOAD_MODES, dtype_name, is_out_of_memory, resolve_device, resolve_dtype
 from .errors import NumericalError, OutOfMemoryError, RequestError
 from .events import Callback, Event, emit
 from .loading import Components, load_components
@@ -56,13 +56,6 @@ def load(model: Optional[str] = None, *, device: str = "auto", dtype: str = "aut
     components = load_components(model, dtype=torch_dtype)
     return Pipeline(components, torch_device, torch_dtype, offload=offload, forward_chunking=forward_chunking,
                     compile=compile, decode_chunk=decode_chunk)
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether a failure was an allocation the device could not make: CUDA's own error, or the CPU's and MPS's
-    allocators, which raise a plain RuntimeError."""
-    return isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError) and any(
-        sign in str(error) for sign in ("DefaultCPUAllocator: can't allocate memory", "MPS backend out of memory")))
 
 
 def initial_noise(generator: torch.Generator, frames: int, latent_height: int, latent_width: int,
