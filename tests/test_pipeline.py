@@ -130,7 +130,10 @@ def test_running_out_of_memory_says_what_to_change_and_frees_the_run(tiny_pipeli
                                                r"frames or a smaller size$") as raised:
         frames_of(tiny_pipeline)
     assert raised.value.__context__ is None and held[0]() is None  # the failed run's tensors are gone
-    monkeypatch.setattr(tiny_pipeline, "denoise", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("bug")))
+    def has_a_bug(*args, **kwargs):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(tiny_pipeline, "denoise", has_a_bug)
     with pytest.raises(RuntimeError, match="^bug$"):  # any other failure is left as it is
         frames_of(tiny_pipeline)
 
