@@ -105,6 +105,10 @@ def cpu_allocator_fails():
     raise RuntimeError(CPU_ALLOCATOR_FAILURE)
 
 
+def numpy_allocation_fails():
+    raise MemoryError("Unable to allocate 64.0 GiB for an array with shape (256, 2048, 2048, 3) and data type uint8")
+
+
 def cuda_allocator_fails():
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
@@ -116,7 +120,8 @@ def cuda_graph_capture_fails_as_it_ends():
         raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
 
 
-@pytest.mark.parametrize("fail", [cpu_allocator_fails, cuda_allocator_fails, cuda_graph_capture_fails_as_it_ends])
+@pytest.mark.parametrize("fail", [cpu_allocator_fails, numpy_allocation_fails, cuda_allocator_fails,
+                                  cuda_graph_capture_fails_as_it_ends])
 def test_running_out_of_memory_says_what_to_change_and_frees_the_run(tiny_pipeline, monkeypatch, fail):
     held = []
 

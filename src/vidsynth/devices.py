@@ -64,12 +64,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """Whether a failure was an allocation the device could not make: CUDA's own error, or the CPU's and MPS's
-    allocators' RuntimeErrors; or an error raised while one of those was on its way out (ending a CUDA graph's
-    capture can fail so)."""
+    """Whether a failure was an allocation the device could not make: CUDA's own error, the CPU's and MPS's
+    allocators' RuntimeErrors, Python's MemoryError (NumPy's arrays); or an error raised while one of those was on its
+    way out (ending a CUDA graph's capture can fail so)."""
     import torch
     signs = ("DefaultCPUAllocator: can't allocate memory", "MPS backend out of memory")
-    return any(isinstance(cause, torch.OutOfMemoryError)
+    return any(isinstance(cause, (torch.OutOfMemoryError, MemoryError))
                or (isinstance(cause, RuntimeError) and any(sign in str(cause) for sign in signs))
                for cause in (error, error.__context__))
 

@@ -205,7 +205,7 @@ class Pipeline:
         Cancelled from it to stop. Running out of memory raises OutOfMemoryError, saying what needs less."""
         try:
             return self._generate(request, callback)
-        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
             if not is_out_of_memory(exc):
                 raise
         # Raised past the handler: raised in it, the new error would hold the old one's traceback, and through it the
