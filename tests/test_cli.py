@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import signal
 import stat
 import subprocess
@@ -22,9 +23,9 @@ from vidsynth.request import MAX_FRAMES, MAX_VIDEOS
 SMALL = ["--frames", "3", "--height", "32", "--width", "32", "--steps", "2"]
 
 
-def vidsynth(*args, cwd, timeout=300, umask=-1):
+def vidsynth(*args, cwd, timeout=300, umask=-1, preexec_fn=None):
     return subprocess.run([sys.executable, "-m", "vidsynth.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout, umask=umask)
+                          cwd=cwd, timeout=timeout, umask=umask, preexec_fn=preexec_fn)
 
 
 BAD_INPUT = [
@@ -67,6 +68,21 @@ def test_running_out_of_memory_exits_1_saying_what_to_change_and_writes_nothing(
     monkeypatch.chdir(tmp_path)
     assert main(["generate", "a red circle", "--model", str(tiny_model_dir), *SMALL, "-o", "video.mp4"]) == 1
     assert "out of memory making the video (cpu, float32); try --forward-chunking" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["generate", "convert"])
+def test_a_full_disk_exits_1_naming_what_could_not_be_written_and_leaves_nothing(command, tiny_model_dir, tmp_path):
+    # Files may not grow past 4 KiB in the command's process, as on a full disk; it still reads the model.
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # noqa: E731
+    if command == "generate":
+        args, written = ["a red circle", "--model", tiny_model_dir, "--frames", "8", "--steps", "2", "-o", "clip.gif"], \
+            "clip.gif"
+    else:
+        args, written = [tiny_model_dir, "converted"], "converted"
+    done = vidsynth(command, *args, cwd=tmp_path, preexec_fn=limit)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines()[-1].endswith(f"vidsynth: error: could not write {written}: File too large")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
+import os
 import re
 import threading
 import time
@@ -16,10 +18,11 @@ import torch
 from PIL import Image
 
 from conftest import LiveServer, read_events
-from vidsynth import InputError, ModelError, NumericalError, OutOfMemoryError, RequestError
+from vidsynth import InputError, ModelError, NumericalError, OutOfMemoryError, RequestError, WriteError
 import vidsynth.server as server_module
 from vidsynth.jobs import JobChanges
 from vidsynth.request import MAX_FRAMES, MAX_SIDE, GenerationRequest
+from vidsynth.files import write_errors_reported
 from vidsynth.server import ServerSettings, create_app
 from vidsynth.video import read_frames
 
@@ -469,7 +472,7 @@ def test_the_readme_names_every_field_a_job_takes_and_every_code_a_failed_job_gi
     assert sorted(fields) == sorted(GenerationRequest.model_fields)
     row = next(line for line in readme.splitlines() if line.startswith("| `GET /v1/videos/{id}` |"))
     codes = re.findall(r"`([a-z_]+)`", row.split("a failed job's `code`:", 1)[1].split(")", 1)[0])
-    raised_in_a_job = (RequestError, InputError, ModelError, NumericalError, OutOfMemoryError)
+    raised_in_a_job = (RequestError, InputError, ModelError, NumericalError, OutOfMemoryError, WriteError)
     assert sorted(codes) == sorted([error.code for error in raised_in_a_job] + ["interrupted", "internal_error"])
 
 
@@ -540,6 +543,62 @@ def test_a_job_that_runs_out_of_memory_fails_saying_what_to_change_and_the_next_
     assert failed["error"]["message"].startswith("out of memory making the video") and "fewer frames" in \
         failed["error"]["message"]
     assert wait_for(client, submit(client, **FAST)["id"])["status"] == "completed"
+
+
+def test_a_job_whose_files_cannot_be_written_fails_with_the_reason_and_the_next_job_runs(client, server, monkeypatch):
+    import vidsynth.worker as worker_module
+    original = worker_module.write_video
+
+    def write_video(path, frames, *args, **kwargs):
+        if len(frames) == 6:  # this test's 6-frame video meets a full disk, as write_video reports one
+            with write_errors_reported(path):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(path, frames, *args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "write_video", write_video)
+    failed = wait_for(client, submit(client, frames=6, steps=4)["id"])
+    assert failed["status"] == "failed" and failed["error"] == {
+        "code": "write_error", "message": "could not write this job's videos: No space left on device"}
+    assert client.get(f"/v1/videos/{failed['id']}/content").status_code == 409
+    assert not [path.name for path in (server.data_dir / "videos").iterdir() if failed["id"] in path.name]
+    assert wait_for(client, submit(client, **FAST)["id"])["status"] == "completed"
+
+
+def test_a_full_job_database_answers_507_and_the_server_goes_on_once_there_is_room(shipped_pipeline, tmp_path,
+                                                                                  monkeypatch):
+    stores = []
+
+    class RecordedStore(server_module.JobStore):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            stores.append(self)
+
+    monkeypatch.setattr(server_module, "JobStore", RecordedStore)
+    with LiveServer(create_app(ServerSettings(data_dir=tmp_path), pipeline=shipped_pipeline)) as live, \
+            httpx.Client(base_url=live.url, timeout=60) as client:
+        [store] = stores
+        # The database may not grow past its size now: SQLite then fails as on a full disk (SQLITE_FULL).
+        store._query(f"PRAGMA max_page_count = {store._query('PRAGMA page_count')[0][0]}")
+        responses = [client.post("/v1/videos", json={"prompt": PROMPT, "negative_prompt": "x" * 2000, **FAST})
+                     for _ in range(4)]
+        full = responses[-1]
+        assert full.status_code == 507, [response.status_code for response in responses]
+        assert full.json()["error"]["code"] == "write_error"
+        assert full.json()["error"]["message"] == ("the server could not store what this request needs: database or "
+                                                   "disk is full")
+        assert str(tmp_path) not in full.text
+        store._query("PRAGMA max_page_count = 1000000")
+        assert wait_for(client, submit(client, **FAST)["id"])["status"] == "completed"
+
+
+def test_an_unexpected_failure_is_answered_in_the_apis_error_shape(client, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(server_module.JobStore, "list", broken)
+    response = client.get("/v1/videos")
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "internal_error" and "a bug" not in response.text
 
 
 def _png(image: np.ndarray) -> bytes:

@@ -21,6 +21,7 @@ import pytest
 
 from conftest import read_events
 from test_server import PROMPT, _decode_mp4
+from vidsynth.errors import WriteError
 from vidsynth.jobs import FAILED, MAX_ATTEMPTS, QUEUED, SCHEMA, JobStore
 
 
@@ -193,7 +194,7 @@ def test_an_upload_whose_write_fails_leaves_no_file(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Path, "write_bytes", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(WriteError, match=r"could not write .*upload_.*\.png: No space left on device"):
         store.add_upload(b"\x89PNG" + b"\0" * 1000, "image/png")
     assert list((tmp_path / "uploads").iterdir()) == []
     monkeypatch.setattr(Path, "write_bytes", real_write)

@@ -6,12 +6,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors import SafetensorError
 
 import vidsynth
 from vidsynth import GenerationRequest
 from vidsynth.cli import main
 from vidsynth.data import ClipSpec, render, training_specs, vocabulary
-from vidsynth.errors import VidsynthError
+from vidsynth.errors import VidsynthError, WriteError
 from vidsynth.train import (ARCHITECTURES, Trainer, TrainOptions, architecture_of, build_components,
                             sample_timesteps, train)
 from vidsynth.video import write_video
@@ -134,7 +135,14 @@ def test_a_run_folder_that_cannot_be_made_is_refused_before_training(tmp_path, c
         assert message in error and "VAE" not in error  # no training step ran
 
 
-def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+# A full disk as each writer reports it: safetensors with its own error type (its message as it reads on Linux),
+# torch.save and the JSON files with OSError.
+DISK_FULL = {"save_model": SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+             "torch.save": OSError(errno.ENOSPC, "No space left on device")}
+
+
+@pytest.mark.parametrize("writer", DISK_FULL)
+def test_full_disk_keeps_the_previous_checkpoint(writer, tmp_path, monkeypatch):
     run = tmp_path / "run"
     train(TrainOptions(out=run, steps=2, **MICRO))
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
@@ -143,10 +151,13 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import vidsynth.train as train_module
 
     def disk_full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise DISK_FULL[writer]
 
-    monkeypatch.setattr(train_module, "save_model", disk_full)
-    with pytest.raises(VidsynthError, match="No space left on device.*previous checkpoint is kept"):
+    if writer == "save_model":
+        monkeypatch.setattr(train_module, "save_model", disk_full)
+    else:
+        monkeypatch.setattr(train_module.torch, "save", disk_full)
+    with pytest.raises(WriteError, match=r"\(No space left on device\); the previous checkpoint is kept"):
         train(TrainOptions(out=run, steps=4, **MICRO))
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
     assert (run / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet_bytes

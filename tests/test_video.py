@@ -2,7 +2,10 @@
 
 import json
 import os
+import resource
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import av
@@ -126,6 +129,48 @@ def test_failed_encode_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         Video(pattern(2), settings=SETTINGS).save(tmp_path / "clip.mp4")
     assert list(tmp_path.iterdir()) == []
+
+
+def write_under_a_file_size_limit(path: Path, frames: np.ndarray, settings: dict, limit: int) -> str:
+    """Write a video in a process whose files may not grow past `limit` bytes, as a full disk stops them (the kernel
+    refuses the write; Python ignores the signal that comes with it). Returns what the write raised, or ''."""
+    np.save(path.parent.parent / "frames.npy", frames)
+    script = ("import json, sys, numpy\n"
+              "from vidsynth import WriteError\n"
+              "from vidsynth.video import write_video\n"
+              "frames = numpy.load(sys.argv[2])\n"
+              "try:\n"
+              "    write_video(sys.argv[1], frames, 8, json.loads(sys.argv[3]))\n"
+              "except WriteError as exc:\n"
+              "    print(type(exc).__name__, exc)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(path), str(path.parent.parent / "frames.npy"),
+                           json.dumps(settings)], capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.mark.parametrize("name", ["clip.mp4", "clip.webm", "clip.gif", "clip.npy", "frames"])
+def test_a_write_the_system_refuses_names_the_file_and_leaves_nothing(name, tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    noise = np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)  # no format makes it small
+    raised = write_under_a_file_size_limit(folder / name, noise, SETTINGS, limit=4096)
+    assert raised.startswith(f"WriteError could not write {folder / name}: "), raised
+    assert list(folder.iterdir()) == []
+
+
+def test_a_video_is_never_left_without_its_sidecar(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    settings = {**SETTINGS, "prompt": "a long prompt " * 1000}  # a sidecar larger than the video
+    raised = write_under_a_file_size_limit(folder / "clip.npy", pattern(1, 8, 8), settings, limit=4096)
+    assert raised == f"WriteError could not write {folder / 'clip.json'}: File too large"
+    assert list(folder.iterdir()) == []
+
+    raised = write_under_a_file_size_limit(folder / "clip.npy", pattern(1, 8, 8), SETTINGS, limit=4096)
+    assert raised == ""  # the same video with a small sidecar fits: both are there
+    assert sorted(path.name for path in folder.iterdir()) == ["clip.json", "clip.npy"]
 
 
 def test_notebook_display_embeds_a_playable_mp4():

@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from .errors import (Cancelled, InputError, ModelError, ModelUnavailableError, NumericalError, OutOfMemoryError,
-                     OutputError, RequestError, VidsynthError)
+                     OutputError, RequestError, VidsynthError, WriteError)
 from .events import Event, GenerationWarning
 from .request import GenerationRequest, ModelDefaults
 from .video import Video, Videos, read_frames, read_settings
@@ -11,7 +11,7 @@ from .video import Video, Videos, read_frames, read_settings
 __all__ = [
     "Cancelled", "Event", "GenerationRequest", "GenerationWarning", "InputError", "ModelDefaults", "ModelError",
     "ModelUnavailableError", "NumericalError", "OutOfMemoryError", "OutputError", "Pipeline", "RequestError", "Video",
-    "Videos", "VidsynthError", "load", "read_frames", "read_settings", "__version__",
+    "Videos", "VidsynthError", "WriteError", "load", "read_frames", "read_settings", "__version__",
 ]
 
 

@@ -343,12 +343,10 @@ def _status(message: str, args) -> None:
 # ------------------------------------------------------------------------------------------------ other commands
 
 def run_convert(args) -> int:
-    import shutil
-
     import torch
 
+    from .files import atomic_folder
     from .loading import load_components, save_model_folder
-    from .video import new_path_beside
 
     destination = Path(args.destination)
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
@@ -357,15 +355,8 @@ def run_convert(args) -> int:
         raise OutputError(f"output directory {destination.parent} does not exist")
     _before_loading(args.source)
     components = load_components(args.source)
-    partial = new_path_beside(destination, folder=True)
-    try:
+    with atomic_folder(destination) as partial:
         save_model_folder(components, partial, dtype=getattr(torch, args.dtype))
-        if destination.exists():
-            destination.rmdir()
-        partial.rename(destination)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     print(f"wrote {destination} (diffusers layout, {args.dtype})", file=sys.stderr)
     return 0
 
@@ -430,7 +421,7 @@ def run_eval(args) -> int:
                 if getattr(args, name) is not None}
     # Checked as the evaluation's requests will be, before the model loads rather than after.
     GenerationRequest.create(prompt="", allow_empty_prompt=True, seed=args.seed, **settings)
-    from .video import check_file_path
+    from .files import check_file_path
     if args.json_path:
         check_file_path(args.json_path)  # now, not after minutes of evaluating
     _before_loading(args.model)

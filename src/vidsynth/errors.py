@@ -48,6 +48,17 @@ class OutputError(VidsynthError):
     code = "output_error"
 
 
+class WriteError(OutputError):
+    """A file could not be written (a full disk, an I/O error); nothing of it is left. `reason` is the system's."""
+
+    exit_code = 1
+    code = "write_error"
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 class InputError(VidsynthError):
     """An input cannot be read: a video to start from (missing, not a video, no frames), a training dataset."""
 

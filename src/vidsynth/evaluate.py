@@ -19,8 +19,8 @@ from typing import Optional
 import numpy as np
 
 from .data import BACKGROUNDS, COLORS, DIRECTIONS, ClipSpec, evaluation_specs
+from .files import atomic_file
 from .request import GenerationRequest, MAX_PROMPTS
-from .video import atomic_file
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background that counts as shape
 FILL_RATIO = {"square": 0.95, "circle": 0.78, "triangle": 0.5}

@@ -8,6 +8,7 @@ queued again (up to MAX_ATTEMPTS times, then failed with that reason), never dro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
@@ -19,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .errors import RequestError
-from .video import atomic_file
+from .errors import RequestError, WriteError
+from .files import atomic_file
 
 QUEUED, IN_PROGRESS, COMPLETED, FAILED, CANCELED = "queued", "in_progress", "completed", "failed", "canceled"
 FINISHED = (COMPLETED, FAILED, CANCELED)
@@ -107,6 +108,12 @@ class JobChanges:
                 pass
 
 
+def _is_full(error: sqlite3.OperationalError) -> bool:
+    """Whether SQLite failed for want of space (SQLITE_FULL: the disk, or the database's page limit)."""
+    code = getattr(error, "sqlite_errorcode", None)  # Python 3.11+
+    return code == sqlite3.SQLITE_FULL if code is not None else "database or disk is full" in str(error)
+
+
 def _complete(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
@@ -136,9 +143,20 @@ class JobStore:
         with self._lock:
             self._db.close()
 
-    def _query(self, sql: str, parameters=()) -> list[sqlite3.Row]:
+    @contextlib.contextmanager
+    def _database(self):
+        """The connection, for one thread at a time. A database that cannot grow (a full disk) raises WriteError."""
         with self._lock:
-            return self._db.execute(sql, parameters).fetchall()
+            try:
+                yield self._db
+            except sqlite3.OperationalError as exc:
+                if not _is_full(exc):
+                    raise
+                raise WriteError(f"could not write the job database: {exc}", str(exc)) from exc
+
+    def _query(self, sql: str, parameters=()) -> list[sqlite3.Row]:
+        with self._database() as database:
+            return database.execute(sql, parameters).fetchall()
 
     # ------------------------------------------------------------------------------------------------- reading
 
@@ -221,16 +239,16 @@ class JobStore:
         """
         digest = hashlib.sha256(json.dumps(submitted or request, sort_keys=True).encode()).hexdigest()
         job_id = f"video_{secrets.token_hex(12)}"
-        with self._lock:
+        with self._database() as database:
             found = None
             if idempotency_key is not None:
-                found = self._db.execute("SELECT id, request_digest FROM jobs WHERE idempotency_key = ?",
+                found = database.execute("SELECT id, request_digest FROM jobs WHERE idempotency_key = ?",
                                          (idempotency_key,)).fetchone()
             if found is not None:
                 if found["request_digest"] != digest:
                     raise IdempotencyConflict(idempotency_key)
             else:
-                self._db.execute(
+                database.execute(
                     "INSERT INTO jobs (id, status, request, outputs, created_at, idempotency_key, request_digest) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (job_id, QUEUED, json.dumps(request), outputs, time.time(), idempotency_key, digest))
@@ -240,8 +258,8 @@ class JobStore:
 
     def claim_next(self) -> Optional[dict]:
         """Mark the oldest queued job in progress and return it (None when the queue is empty)."""
-        with self._lock:
-            row = self._db.execute(
+        with self._database() as database:
+            row = database.execute(
                 "UPDATE jobs SET status = ?, started_at = ?, attempts = attempts + 1, progress = 0, phase = NULL, "
                 "warnings = NULL WHERE seq = (SELECT seq FROM jobs WHERE status = ? ORDER BY seq LIMIT 1) RETURNING id",
                 (IN_PROGRESS, time.time(), QUEUED)).fetchone()
@@ -256,11 +274,11 @@ class JobStore:
 
     def add_warning(self, job_id: str, message: str) -> None:
         """Keep a warning the running job's generation gave (words the model never saw, the low-memory mode...)."""
-        with self._lock:
-            row = self._db.execute("SELECT warnings FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        with self._database() as database:
+            row = database.execute("SELECT warnings FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is not None:
                 kept = json.loads(row["warnings"] or "[]") + [message]
-                self._db.execute("UPDATE jobs SET warnings = ? WHERE id = ?", (json.dumps(kept), job_id))
+                database.execute("UPDATE jobs SET warnings = ? WHERE id = ?", (json.dumps(kept), job_id))
 
     def finish(self, job_id: str, status: str, error: Optional[tuple[str, str]] = None) -> None:
         code, message = error or (None, None)
@@ -290,8 +308,8 @@ class JobStore:
     def delete(self, job_id: str) -> bool:
         """Remove a job and its files. A running job is flagged to stop first; its worker cleans up after it."""
         self._query("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
-        with self._lock:
-            deleted = self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount
+        with self._database() as database:
+            deleted = database.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount
         shutil.rmtree(self.videos_dir / job_id, ignore_errors=True)
         self.changes.notify()
         return bool(deleted)

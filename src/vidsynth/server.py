@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 
 from . import __version__
 from .devices import dtype_name
-from .errors import InputError, RequestError, UsageError
+from .errors import InputError, RequestError, UsageError, WriteError
 from .jobs import (CANCELED, COMPLETED, FAILED, FINISHED, QUEUED, UPLOAD_TYPES, VARIANTS, IdempotencyConflict,
                    JobStore)
 from .request import DEFAULT_STRENGTH, MAX_SIDE, PRESETS, SCHEDULERS, GenerationRequest, field_errors
@@ -192,6 +192,16 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
         code = getattr(exc, "code", {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error"))
         return _error_response(exc.status_code, code, str(exc.detail), getattr(exc, "field", None), headers=exc.headers)
 
+    @app.exception_handler(WriteError)
+    async def write_error(request: Request, exc: WriteError):
+        # The reason only (a full disk): the server's paths are its own business.
+        return _error_response(507, exc.code, f"the server could not store what this request needs: {exc.reason}")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        # Answered in the API's error shape; the exception still reaches the server's log with its traceback.
+        return _error_response(500, "internal_error", "the server failed on this request; its log says why")
+
     def job_or_404(job_id: str) -> dict:
         job = state["store"].get(job_id)
         if job is None:
@@ -206,7 +216,7 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
                 "dtype": dtype_name(pipeline.dtype), "queued": state["store"].queued_count(),
                 "running": state["worker"].current, "ready": not state["worker"].warming_up}
 
-    @app.post("/v1/videos", status_code=202, tags=["videos"], response_model=Job, responses=errors(409, 429))
+    @app.post("/v1/videos", status_code=202, tags=["videos"], response_model=Job, responses=errors(409, 429, 507))
     def create_video(body: GenerationRequest, idempotency_key: Optional[str] = Header(None, max_length=255)):
         """Queue a generation. The request's unset fields take the model's defaults; a missing seed is drawn now."""
         store = state["store"]
@@ -228,7 +238,7 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
             state["worker"].wake()
         return JSONResponse(job, status_code=202, headers={} if created else {"Idempotent-Replayed": "true"})
 
-    @app.post("/v1/uploads", status_code=201, tags=["uploads"], responses=errors(415))
+    @app.post("/v1/uploads", status_code=201, tags=["uploads"], responses=errors(415, 507))
     async def upload_start_video(request: Request):
         """A video or image for jobs to start from (their `init_video` is the id this returns): the file itself as the
         body, its type as Content-Type. Kept as long as jobs are (`--keep-jobs` uploads at most)."""

@@ -26,7 +26,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from .data import ClipStream, ProceduralClips, VideoFolder, vocabulary
 from .devices import resolve_device
-from .errors import OutputError, UsageError, VidsynthError
+from .errors import OutputError, UsageError, VidsynthError, WriteError
+from .files import refused_write_reason
 from .loading import Components, load_components, save_model_folder
 from .modelscope_format import openclip_tokenizer
 from .request import ModelDefaults
@@ -521,10 +522,13 @@ class Trainer:
                 "architecture": asdict(self.arch), "init": self.options.init,
                 "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.options).items()},
             }, indent=2) + "\n")
-        except OSError as exc:
+        except Exception as exc:
+            reason = refused_write_reason(exc)
+            if reason is None:
+                raise
             shutil.rmtree(partial, ignore_errors=True)
-            raise VidsynthError(f"could not write a checkpoint in {self.run_dir} ({exc.strerror or exc}); "
-                                f"the previous checkpoint is kept") from None
+            raise WriteError(f"could not write a checkpoint in {self.run_dir} ({reason}); the previous checkpoint is "
+                             f"kept", reason) from None
         previous = self.run_dir / f".{CHECKPOINT}.previous"
         shutil.rmtree(previous, ignore_errors=True)
         if self.checkpoint_dir.exists():

@@ -2,35 +2,33 @@
 
 The format follows the extension: .mp4 (H.264, yuv420p, +faststart: plays in browsers), .webm (VP9), .gif, .npy
 (the exact uint8 frames, F x H x W x 3) or, with no extension, a folder of numbered PNGs. Every file is written
-to a temporary name beside the target and renamed into place, so a failure never leaves half a file. The
-generation settings go into the file itself (mp4 and webm metadata, the GIF's comment) and into a JSON sidecar
+to a temporary name beside the target and renamed into place (`files.py`), so a failure never leaves half a file.
+The generation settings go into the file itself (mp4 and webm metadata, the GIF's comment) and into a JSON sidecar
 (`<name>.json`, or `settings.json` inside a PNG folder).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
-import os
-import secrets
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import av
 import numpy as np
 from PIL import Image
 
 from .errors import InputError, OutputError, RequestError
+from .files import PathLike, atomic_file, atomic_folder, check_file_path, check_writable_folder
 from .request import MAX_FRAMES
 
 VIDEO_FORMATS = {".mp4": "libx264", ".webm": "libvpx-vp9"}
 FILE_FORMATS = (*VIDEO_FORMATS, ".gif", ".npy")
 METADATA_KEY = "comment"
-PathLike = Union[str, os.PathLike]
 
 
 @dataclass
@@ -92,26 +90,10 @@ def check_output_path(path: PathLike) -> Path:
     path = Path(path).expanduser()
     if output_kind(path) != "png":
         return check_file_path(path)
-    _check_writable_folder(path.parent)
+    check_writable_folder(path.parent)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise OutputError(f"{path} already exists and is not an empty folder")
     return path
-
-
-def check_file_path(path: PathLike) -> Path:
-    """Fail before any work is done if a file cannot be written at `path` (any kind of file)."""
-    path = Path(path).expanduser()
-    _check_writable_folder(path.parent)
-    if path.is_dir():
-        raise OutputError(f"{path} is a directory")
-    return path
-
-
-def _check_writable_folder(folder: Path) -> None:
-    if not folder.is_dir():
-        raise OutputError(f"output directory {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"output directory {folder} is not writable")
 
 
 def sidecar_path(path: Path) -> Path:
@@ -125,9 +107,15 @@ def write_video(path: PathLike, frames: np.ndarray, fps: int, settings: dict, *,
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 frames x height x width x 3, got shape {frames.shape}")
     if kind == "png":
-        _write_png_folder(path, frames, settings if sidecar else None)
+        with atomic_folder(path) as folder:
+            for index, frame in enumerate(frames):
+                Image.fromarray(frame).save(folder / f"{index:04d}.png")
+            if sidecar:
+                (folder / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
         return path
-    with atomic_file(path) as temporary:
+    # The video and its sidecar are renamed into place once both are written: neither is left without the other.
+    with contextlib.ExitStack() as files:
+        temporary = files.enter_context(atomic_file(path))
         if kind in ("mp4", "webm"):
             _encode(temporary, frames, fps, VIDEO_FORMATS[path.suffix.lower()], settings, kind)
         elif kind == "gif":
@@ -139,43 +127,10 @@ def write_video(path: PathLike, frames: np.ndarray, fps: int, settings: dict, *,
         else:
             with open(temporary, "wb") as handle:
                 np.save(handle, frames)
-    if sidecar:
-        with atomic_file(sidecar_path(path)) as temporary:
-            Path(temporary).write_text(json.dumps(settings, indent=2) + "\n")
+        if sidecar:
+            sidecar_temporary = files.enter_context(atomic_file(sidecar_path(path)))
+            Path(sidecar_temporary).write_text(json.dumps(settings, indent=2) + "\n")
     return path
-
-
-def new_path_beside(path: Path, suffix: str = ".part", *, folder: bool = False) -> Path:
-    """A new hidden file (or folder) beside `path`, to be written and renamed over it. Created as open() and mkdir()
-    create them, with the permissions the umask gives: tempfile's mkstemp and mkdtemp make them private to the
-    owner, which the finished video or model would keep."""
-    while True:
-        candidate = path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
-        try:
-            if folder:
-                candidate.mkdir()
-            else:
-                os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return candidate
-        except FileExistsError:
-            continue
-
-
-class atomic_file:
-    """A temporary file beside `path` that replaces it on success and disappears on failure."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self) -> str:
-        self.temporary = str(new_path_beside(self.path, f".part{self.path.suffix}"))
-        return self.temporary
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            os.replace(self.temporary, self.path)
-        else:
-            Path(self.temporary).unlink(missing_ok=True)
 
 
 def _encode(path: str, frames: np.ndarray, fps: int, codec: str, settings: dict, kind: str) -> None:
@@ -212,21 +167,6 @@ def _palette_image(frame: np.ndarray) -> Image.Image:
     image = Image.frombytes("P", (frame.shape[1], frame.shape[0]), indices.astype(np.uint8).tobytes())
     image.putpalette(np.stack([colours >> 16, (colours >> 8) & 255, colours & 255], axis=-1).astype(np.uint8).tobytes())
     return image
-
-
-def _write_png_folder(path: Path, frames: np.ndarray, settings: dict | None) -> None:
-    temporary = new_path_beside(path, folder=True)
-    try:
-        for index, frame in enumerate(frames):
-            Image.fromarray(frame).save(temporary / f"{index:04d}.png")
-        if settings is not None:
-            (temporary / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
-        if path.exists():
-            path.rmdir()  # check_output_path allowed only an empty folder
-        os.replace(temporary, path)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
 
 
 def read_settings(path: PathLike) -> dict:

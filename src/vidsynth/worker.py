@@ -17,8 +17,9 @@ from typing import Optional
 
 from PIL import Image
 
-from .errors import Cancelled, VidsynthError
+from .errors import Cancelled, VidsynthError, WriteError
 from .events import Event
+from .files import refused_write_reason
 from .jobs import CANCELED, COMPLETED, FAILED, JobChanges, JobStore
 from .request import GenerationRequest
 from .video import write_video
@@ -172,14 +173,21 @@ class Worker:
         self.events.publish(job_id, status, **details)
 
     def _write_outputs(self, job_id: str, videos) -> None:
-        """All files into a hidden folder, renamed into place at once: a job's files are all there or none are."""
+        """All files into a hidden folder, renamed into place at once: a job's files are all there or none are. A
+        failed write fails the job with the system's reason (a full disk), not the server's paths."""
         partial = self.store.videos_dir / f".{job_id}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-        for index, video in enumerate(videos):
-            write_video(partial / f"{index}.mp4", video.frames, video.fps, video.settings, sidecar=False)
-            write_video(partial / f"{index}.gif", video.frames, video.fps, video.settings, sidecar=False)
-            Image.fromarray(video.frames[len(video.frames) // 2]).save(partial / f"{index}.png")
-        final = self.store.videos_dir / job_id
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
+        try:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
+            for index, video in enumerate(videos):
+                write_video(partial / f"{index}.mp4", video.frames, video.fps, video.settings, sidecar=False)
+                write_video(partial / f"{index}.gif", video.frames, video.fps, video.settings, sidecar=False)
+                Image.fromarray(video.frames[len(video.frames) // 2]).save(partial / f"{index}.png")
+            final = self.store.videos_dir / job_id
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+        except Exception as exc:
+            reason = refused_write_reason(exc)
+            if reason is None:
+                raise
+            raise WriteError(f"could not write this job's videos: {reason}", reason) from exc
