@@ -3,6 +3,7 @@ reads come down, in the precision asked for, into the standard cache, from which
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def repos(tiny_model_dir, tmp_path_factory):
     return {"acme/both": both, "acme/bin-only": bin_only}
 
 
-def run_cli(args, cwd, hub=None, offline=False, home=None):
+def run_cli(args, cwd, hub=None, offline=False, home=None, file_size_limit=None):
     env = {**os.environ, "HF_HOME": str(home or cwd / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1",
            "MODELSCOPE_CACHE": str(cwd / "modelscope")}
     env.pop("HF_HUB_OFFLINE", None)
@@ -55,8 +56,10 @@ def run_cli(args, cwd, hub=None, offline=False, home=None):
         env["HF_ENDPOINT"] = env["MODELSCOPE_ENDPOINT"] = hub.url
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
+    def limit():  # files may not grow past it, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
     return subprocess.run([sys.executable, "-m", "vidsynth.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)
+                          cwd=cwd, timeout=300, preexec_fn=limit if file_size_limit else None)
 
 
 @pytest.fixture
@@ -233,6 +236,22 @@ def test_an_interrupted_download_is_named_offline_and_resumed_online(repos, hub_
         assert resumed.returncode == 0, resumed.stderr
         assert hub.downloads[before:] == ["acme/both/unet/diffusion_pytorch_model.safetensors"]
     assert load_components("acme/both").unet is not None
+
+
+def test_a_download_the_disk_refuses_says_so_and_resumes_once_there_is_room(repos, tmp_path):
+    largest = max((repos["acme/both"] / part / f"{stem}.safetensors").stat().st_size for part, stem in WEIGHTS.items())
+    with FakeHub(repos) as hub:
+        refused = run_cli(["download", "acme/both", "--dtype", "float32"], tmp_path, hub, file_size_limit=largest - 1)
+        assert refused.returncode == 1, refused.stderr
+        assert refused.stderr.splitlines()[-1] == (
+            f"vidsynth: error: could not store acme/both in the Hugging Face cache ({tmp_path / 'hf' / 'hub'}): File "
+            f"too large; make room there, or set HF_HOME to a folder on a disk with room, and run the command again: "
+            f"the download resumes")
+        before = len(hub.downloads)
+        resumed = run_cli(["download", "acme/both", "--dtype", "float32"], tmp_path, hub)
+        assert resumed.returncode == 0, resumed.stderr
+        assert not CONFIGS & {entry.removeprefix("acme/both/") for entry in hub.downloads[before:]}  # kept from before
+    assert load_components(resumed.stdout.strip()).unet is not None
 
 
 def test_unknown_repos_and_repos_of_other_kinds_are_named(repos, hub_here, tmp_path):

@@ -24,6 +24,17 @@ def test_missing_path_and_wrong_kinds_of_path(tmp_path):
         load_components(str(tmp_path / "empty"))
 
 
+def test_a_path_object_names_a_folder(tiny_model_dir, tmp_path, monkeypatch):
+    loaded = load_components(Path(tiny_model_dir))
+    assert loaded.source == load_components(str(tiny_model_dir)).source == {"path": str(Path(tiny_model_dir)),
+                                                                              "layout": "diffusers"}
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match="^model folder ms-1.7b not found$"):  # a path, not the alias of that name
+        load_components(Path("ms-1.7b"))
+    with pytest.raises(ModelError, match="^model folder acme/model not found$"):  # nor a hub id
+        load_components(Path("acme/model"))
+
+
 def broken_modelscope(modelscope_reference, tmp_path, name: str) -> Path:
     folder = copy_with_links(modelscope_reference["folder"], tmp_path / "model")
     (folder / name).unlink()

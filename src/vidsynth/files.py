@@ -6,6 +6,7 @@ naming the file, rather than an OSError from inside an encoder, and leaves nothi
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -18,6 +19,9 @@ from safetensors import SafetensorError
 from .errors import OutputError, WriteError
 
 PathLike = Union[str, os.PathLike]
+# What the disk, rather than a network or an input, refuses a write with: no space or quota left, a file size limit,
+# a read-only file system.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
 def check_file_path(path: PathLike) -> Path:
@@ -46,6 +50,16 @@ def refused_write_reason(error: BaseException) -> Optional[str]:
     if isinstance(error, SafetensorError):
         found = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", str(error))
         return found.group(1) if found else None
+    return None
+
+
+def storage_refusal(error: BaseException) -> Optional[str]:
+    """The system's reason when `error`, or an error it was raised from, is the disk refusing a write; else None.
+    For work that also reads a network (a download), where other OSErrors are not the disk's."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+            return error.strerror or os.strerror(error.errno)
+        error = error.__cause__ or error.__context__
     return None
 
 

@@ -12,9 +12,10 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
-from .errors import ModelError, ModelUnavailableError, RequestError, VidsynthError
+from .errors import ModelError, ModelUnavailableError, RequestError, VidsynthError, WriteError
+from .files import storage_refusal
 from .registry import DEFAULTS_FILE, HUB_IDS, KNOWN_MODELS, SHIPPED_MODEL, KnownModel, package_model_path
 from .request import ModelDefaults, checked_defaults
 
@@ -28,6 +29,8 @@ MODELSCOPE_CONFIG = "configuration.json"  # named here, not in modelscope_format
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# What names a model: an alias, a hub id, a folder's path as text or as a path object; None for the shipped model.
+ModelReference = Union[str, os.PathLike, None]
 SHARD_NAME = re.compile(r"-\d{5}-of-(\d{5})(?:\.fp16)?\.(?:safetensors|bin)$")
 
 
@@ -59,29 +62,33 @@ class ModelLocation:
     known: Optional[KnownModel] = None
 
 
-def model_source(reference: Optional[str]) -> tuple[str, str, Optional[KnownModel]]:
+def model_source(reference: ModelReference) -> tuple[str, str, Optional[KnownModel]]:
     """Where a --model reference points, fetching nothing: (kind, target, known model) with kind "package", "hf",
     "modelscope" or "folder". ModelError for a reference that points nowhere, so a command can refuse it before
-    loading anything."""
+    loading anything. A path object (pathlib.Path) names a folder, never an alias or a hub id."""
     reference = reference or SHIPPED_MODEL
-    known = KNOWN_MODELS.get(reference) or HUB_IDS.get(reference.removeprefix("modelscope:"))
-    if known:
-        kind, target = known.source.split(":", 1)
-        return kind, target, known
-    if reference.startswith("modelscope:"):
-        return "modelscope", reference.split(":", 1)[1], None
+    named = isinstance(reference, str)
+    if named:
+        known = KNOWN_MODELS.get(reference) or HUB_IDS.get(reference.removeprefix("modelscope:"))
+        if known:
+            kind, target = known.source.split(":", 1)
+            return kind, target, known
+        if reference.startswith("modelscope:"):
+            return "modelscope", reference.split(":", 1)[1], None
     path = Path(reference).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelError(f"{reference} is a file; a model is a folder (diffusers or ModelScope layout)")
         return "folder", str(path), None
-    if _looks_like_repo_id(reference):
+    if named and _looks_like_repo_id(reference):
         return "hf", reference, None
+    if not named:
+        raise ModelError(f"model folder {reference} not found")
     raise ModelError(f"model {reference!r} not found: no such folder, and not a known alias "
                      f"({', '.join(KNOWN_MODELS)}) or a hub id like owner/name")
 
 
-def locate(reference: Optional[str], *, half_precision: bool = False) -> ModelLocation:
+def locate(reference: ModelReference, *, half_precision: bool = False) -> ModelLocation:
     """Turn a --model reference into a local folder, downloading into the hub cache what it lacks."""
     kind, target, known = model_source(reference)
     if kind == "package":
@@ -141,7 +148,8 @@ def hf_snapshot(repo_id: str, half_precision: bool) -> Path:
     except VidsynthError:
         raise
     except Exception as exc:
-        raise _not_fetched(repo_id, exc) from None
+        not_stored = _not_stored(repo_id, exc, f"the Hugging Face cache ({constants.HF_HUB_CACHE})", "HF_HOME")
+        raise (not_stored or _not_fetched(repo_id, exc)) from None
 
 
 def cached_snapshot(repo_id: str) -> tuple[Optional[Path], Optional[list[str]]]:
@@ -160,6 +168,15 @@ def cached_snapshot(repo_id: str) -> tuple[Optional[Path], Optional[list[str]]]:
 def _not_fetched(repo_id: str, exc: Exception) -> ModelUnavailableError:
     return ModelUnavailableError(f"{repo_id} could not be fetched from the Hugging Face hub ({type(exc).__name__}: "
                                  f"{_first_line(exc)}); run the command again to resume. {_elsewhere(repo_id)}")
+
+
+def _not_stored(model_id: str, exc: Exception, cache: str, variable: str) -> Optional[WriteError]:
+    """The error to raise when a download failed because the disk refused it (full), not the hub."""
+    reason = storage_refusal(exc)
+    if reason is None:
+        return None
+    return WriteError(f"could not store {model_id} in {cache}: {reason}; make room there, or set {variable} to a "
+                      f"folder on a disk with room, and run the command again: the download resumes", reason)
 
 
 def _elsewhere(repo_id: str) -> str:
@@ -271,6 +288,9 @@ def modelscope_snapshot(model_id: str) -> Path:
     except Exception as exc:  # the client raises its own errors and its HTTP library's, which are not all OSErrors
         if getattr(getattr(exc, "response", None), "status_code", None) == 404:
             raise ModelError(f"{model_id} is not a model on the ModelScope hub") from None
+        not_stored = _not_stored(model_id, exc, "the ModelScope cache", "MODELSCOPE_CACHE")
+        if not_stored is not None:
+            raise not_stored from None
         raise ModelUnavailableError(f"{model_id} could not be fetched from the ModelScope hub ({type(exc).__name__}: "
                                     f"{_first_line(exc)}); run the command again to resume. Or put its files "
                                     f"({MODELSCOPE_CONFIG}, text2video_pytorch_model.pth, VQGAN_autoencoder.pth, "
@@ -302,7 +322,7 @@ def _modelscope_client(model_id: str):
     return snapshot_download
 
 
-def load_components(reference: Optional[str] = None, *, dtype: Optional[torch.dtype] = None) -> Components:
+def load_components(reference: ModelReference = None, *, dtype: Optional[torch.dtype] = None) -> Components:
     """The model's components in `dtype` (default float32), on the CPU."""
     import torch
 

@@ -26,7 +26,7 @@ from .data import caption_words
 from .devices import OFFLOAD_MODES, dtype_name, is_out_of_memory, resolve_device, resolve_dtype
 from .errors import NumericalError, OutOfMemoryError, RequestError
 from .events import Callback, Event, emit
-from .loading import Components, load_components
+from .loading import Components, ModelReference, load_components
 from .request import MAX_FPS, MAX_FRAMES, GenerationRequest
 from .schedulers import make_scheduler
 from .text import encode_texts, padded_to_match
@@ -45,7 +45,7 @@ DECODE_FRAMES = 8
 MAX_WORDS_LISTED = 60  # a model's vocabulary is spelt out in its warning up to this size
 
 
-def load(model: Optional[str] = None, *, device: str = "auto", dtype: str = "auto", offload: str = "none",
+def load(model: ModelReference = None, *, device: str = "auto", dtype: str = "auto", offload: str = "none",
          forward_chunking: Optional[bool] = None, compile: bool = False,
          decode_chunk: Optional[int] = None) -> "Pipeline":
     """Load a model (alias, folder or hub id; the shipped model when None) ready to generate. `forward_chunking`:
