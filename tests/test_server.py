@@ -433,7 +433,8 @@ def test_serve_refuses_a_public_address_without_a_token(tmp_path):
     assert done.returncode == 2 and "without a token" in done.stderr
 
 
-def test_serve_refuses_a_busy_port_before_loading_and_a_model_that_does_not_load_without_a_traceback(tmp_path):
+def test_serve_refuses_a_busy_port_or_a_damaged_job_database_before_loading_and_a_bad_model_without_a_traceback(
+        tmp_path):
     import socket
     import subprocess
     import sys
@@ -447,6 +448,13 @@ def test_serve_refuses_a_busy_port_before_loading_and_a_model_that_does_not_load
                                str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert busy.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in busy.stderr
     assert busy.stdout.strip() == "False"  # refused before the model libraries were imported
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "jobs.sqlite3").write_bytes(b"not a database " * 100)
+    damaged = subprocess.run([sys.executable, "-c", script, "serve", "--port", "0", "--data-dir",
+                              str(tmp_path / "damaged")], capture_output=True, text=True, timeout=60)
+    assert damaged.returncode == 2 and damaged.stdout.strip() == "False"
+    assert damaged.stderr.strip() == (f"vidsynth: error: cannot use the job database "
+                                      f"{tmp_path / 'damaged' / 'jobs.sqlite3'}: file is not a database")
     (tmp_path / "not-a-model").mkdir()
     broken = subprocess.run([sys.executable, "-m", "vidsynth.cli", "serve", "--port", "0", "--model",
                              str(tmp_path / "not-a-model"), "--data-dir", str(tmp_path / "data")],

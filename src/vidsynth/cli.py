@@ -460,6 +460,8 @@ def run_serve(args) -> int:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot use --data-dir {args.data_dir}: {exc.strerror or exc}") from None
+    from .jobs import JobStore
+    JobStore(settings.data_dir).close()  # a job database it cannot use is refused now, not after the model loads
     _before_loading(args.model)
     # Loaded here rather than as the app starts, so that a model that cannot load is reported as every command
     # reports errors, not as a traceback from the server's start-up.

@@ -20,8 +20,8 @@ from .errors import OutputError, WriteError
 
 PathLike = Union[str, os.PathLike]
 # What the disk, rather than a network or an input, refuses a write with: no space or quota left, a file size limit,
-# a read-only file system.
-STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+# a read-only file system (by name: not every system defines every one).
+STORAGE_ERRNOS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS") if hasattr(errno, name)}
 
 
 def check_file_path(path: PathLike) -> Path:

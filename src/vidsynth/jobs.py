@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .errors import RequestError, WriteError
+from .errors import InputError, RequestError, WriteError
 from .files import atomic_file
 
 QUEUED, IN_PROGRESS, COMPLETED, FAILED, CANCELED = "queued", "in_progress", "completed", "failed", "canceled"
@@ -129,15 +129,18 @@ class JobStore:
         self.changes = JobChanges()
         # One connection shared by the worker thread and the request handlers, serialised by a lock: SQLite
         # writes are serial anyway, and every statement here is short.
-        self._db = sqlite3.connect(self.data_dir / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
+        path = self.data_dir / "jobs.sqlite3"
         self._lock = threading.Lock()
-        with self._lock:
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
             if "warnings" not in {column["name"] for column in self._db.execute("PRAGMA table_info(jobs)")}:
                 self._db.execute("ALTER TABLE jobs ADD COLUMN warnings TEXT")  # a data folder from before warnings
+        except sqlite3.DatabaseError as exc:  # not SQLite's, damaged, read-only, on a full disk...
+            raise InputError(f"cannot use the job database {path}: {exc}") from None
 
     def close(self) -> None:
         with self._lock:
