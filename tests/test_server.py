@@ -455,6 +455,11 @@ def test_serve_refuses_a_busy_port_or_a_damaged_job_database_before_loading_and_
     assert damaged.returncode == 2 and damaged.stdout.strip() == "False"
     assert damaged.stderr.strip() == (f"vidsynth: error: cannot use the job database "
                                       f"{tmp_path / 'damaged' / 'jobs.sqlite3'}: file is not a database")
+    (tmp_path / "a-file").write_text("not a folder")
+    as_file = subprocess.run([sys.executable, "-c", script, "serve", "--port", "0", "--data-dir",
+                              str(tmp_path / "a-file")], capture_output=True, text=True, timeout=60)
+    assert as_file.returncode == 2 and as_file.stdout.strip() == "False"
+    assert f"--data-dir {tmp_path / 'a-file'} is a file; give a folder" in as_file.stderr
     (tmp_path / "not-a-model").mkdir()
     broken = subprocess.run([sys.executable, "-m", "vidsynth.cli", "serve", "--port", "0", "--model",
                              str(tmp_path / "not-a-model"), "--data-dir", str(tmp_path / "data")],

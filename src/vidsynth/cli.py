@@ -456,6 +456,8 @@ def run_serve(args) -> int:
     check_can_listen(args.host, args.port)
     settings = ServerSettings(data_dir=Path(args.data_dir), model=args.model, runtime=_runtime(args), token=args.token,
                               max_queue=args.max_queue, keep_jobs=args.keep_jobs)
+    if settings.data_dir.exists() and not settings.data_dir.is_dir():
+        raise UsageError(f"--data-dir {args.data_dir} is a file; give a folder for the server's jobs and videos")
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
