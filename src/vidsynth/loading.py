@@ -80,10 +80,10 @@ def model_source(reference: ModelReference) -> tuple[str, str, Optional[KnownMod
         if not path.is_dir():
             raise ModelError(f"{reference} is a file; a model is a folder (diffusers or ModelScope layout)")
         return "folder", str(path), None
-    if named and _looks_like_repo_id(reference):
-        return "hf", reference, None
     if not named:
         raise ModelError(f"model folder {reference} not found")
+    if _looks_like_repo_id(reference):
+        return "hf", reference, None
     raise ModelError(f"model {reference!r} not found: no such folder, and not a known alias "
                      f"({', '.join(KNOWN_MODELS)}) or a hub id like owner/name")
 
