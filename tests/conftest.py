@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -204,10 +205,13 @@ class LiveServer:
         self.thread.join(60)
 
 
-def read_events(response):
-    """The server-sent events of a streaming httpx response, as dicts, until the stream ends."""
+def read_events(response, timeout: Optional[float] = None):
+    """The server-sent events of a streaming httpx response, as dicts, until the stream ends. With a timeout, a
+    stream still going after that many seconds fails the test at its next line (a keep-alive counts)."""
     name = None
+    deadline = None if timeout is None else time.monotonic() + timeout
     for line in response.iter_lines():
+        assert deadline is None or time.monotonic() < deadline, f"no end to the event stream in {timeout} s"
         if line.startswith("event: "):
             name = line.removeprefix("event: ")
         elif line.startswith("data: "):

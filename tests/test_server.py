@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import io
 import os
 import re
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -602,6 +604,62 @@ def test_a_full_job_database_answers_507_and_the_server_goes_on_once_there_is_ro
         assert str(tmp_path) not in full.text
         store._query("PRAGMA max_page_count = 1000000")
         assert wait_for(client, submit(client, **FAST)["id"])["status"] == "completed"
+
+
+class FillableStore(server_module.JobStore):
+    """A job store whose disk can fill up: every write then fails as SQLite fails on a full disk, reads go on."""
+    instances: list = []
+    full = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.instances.append(self)
+
+    @contextlib.contextmanager
+    def _database(self):
+        with super()._database() as database:
+            yield _FullDisk(database) if self.full else database
+
+
+class _FullDisk:
+    def __init__(self, database):
+        self._database = database
+
+    def execute(self, sql: str, parameters=()):
+        if not sql.lstrip().upper().startswith(("SELECT", "PRAGMA")):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._database.execute(sql, parameters)
+
+
+def test_a_job_that_finishes_on_a_full_disk_keeps_its_result_until_there_is_room(shipped_pipeline, tmp_path,
+                                                                                 monkeypatch):
+    import vidsynth.worker as worker_module
+    monkeypatch.setattr(worker_module, "FULL_DATABASE_RETRY_SECONDS", 0.05)
+    monkeypatch.setattr(server_module, "KEEPALIVE_SECONDS", 0.5)  # lines keep coming, so a stuck stream times out
+    monkeypatch.setattr(FillableStore, "instances", [])
+    monkeypatch.setattr(server_module, "JobStore", FillableStore)
+    with LiveServer(create_app(ServerSettings(data_dir=tmp_path), pipeline=shipped_pipeline)) as live, \
+            httpx.Client(base_url=live.url, timeout=60) as client:
+        [store] = FillableStore.instances
+        running = submit(client, frames=8, steps=40)
+        queued = submit(client, **FAST)
+        with client.stream("GET", f"/v1/videos/{running['id']}/events") as response:
+            events = read_events(response, timeout=60)
+            next(event for event in events if event["event"] == "step")
+            store.full = True  # from here the job's progress cannot be saved, nor its result, nor the next claim
+            warning = next(event for event in events if event["event"] == "warning")
+            assert warning["message"] == "the server's disk is full: this job's result is recorded once there is room"
+            assert client.get(f"/v1/videos/{running['id']}").json()["status"] == "in_progress"
+            assert client.post("/v1/videos", json={"prompt": PROMPT, **FAST}).status_code == 507
+            time.sleep(0.3)  # the worker keeps trying, and the queue waits without losing its worker
+            store.full = False
+            rest = [event["event"] for event in events]
+        assert rest[-1] == "completed" and "failed" not in rest
+        done = client.get(f"/v1/videos/{running['id']}").json()
+        assert done["status"] == "completed" and done["progress"] == 100
+        frames = _decode_mp4(client.get(f"/v1/videos/{running['id']}/content").content)
+        assert frames.shape == (8, 64, 64, 3)
+        assert wait_for(client, queued["id"])["status"] == "completed"
 
 
 def test_an_unexpected_failure_is_answered_in_the_apis_error_shape(client, monkeypatch):

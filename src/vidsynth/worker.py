@@ -26,6 +26,7 @@ from .video import write_video
 
 log = logging.getLogger("vidsynth.server")
 TERMINAL_EVENTS = (COMPLETED, FAILED, CANCELED)
+FULL_DATABASE_RETRY_SECONDS = 5.0  # how often a worker facing a full job database tries its write again
 # Event names clients see, by pipeline phase.
 EVENT_NAMES = {"encode_video": "start_video", "denoise": "step", "decode": "decoding", "write": "encoding"}
 
@@ -71,6 +72,7 @@ class Worker:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="vidsynth-worker", daemon=True)
         self.current: Optional[str] = None
+        self._unsaved_progress: Optional[str] = None  # the job whose progress a full database refused
         self.warming_up = pipeline.compiled  # compiling for the model's own video before the first job
 
     def start(self) -> None:
@@ -89,7 +91,12 @@ class Worker:
         if self.warming_up:
             self._warm_up()
         while not self._stopping.is_set():
-            job = self.store.claim_next()
+            try:
+                job = self.store.claim_next()
+            except WriteError as exc:  # a full disk: the queue waits for room rather than losing its worker
+                log.warning("cannot take the next job: %s", exc)
+                self._stopping.wait(FULL_DATABASE_RETRY_SECONDS)
+                continue
             if job is None:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
@@ -101,7 +108,10 @@ class Worker:
                 log.exception("job %s crashed the worker loop", job["id"])
             finally:
                 self.current = None
-            self.store.prune(self.keep_jobs)
+            try:
+                self.store.prune(self.keep_jobs)
+            except WriteError as exc:
+                log.warning("could not delete old jobs: %s", exc)
 
     def _warm_up(self) -> None:
         """A compiled UNet compiles on its first video of a shape, minutes for a full-size model: do it for the
@@ -133,10 +143,10 @@ class Worker:
             if self.store.cancel_requested(job_id):
                 raise Cancelled("canceled")
             if event.message:
-                self.store.add_warning(job_id, event.message)
+                self._note(self.store.add_warning, job_id, event.message)
                 self.events.publish(job_id, "warning", message=event.message)
                 return
-            self.store.set_progress(job_id, event.progress, event.phase)
+            self._note(self.store.set_progress, job_id, event.progress, event.phase)
             if event.phase in EVENT_NAMES:
                 self.events.publish(job_id, EVENT_NAMES[event.phase], step=event.step, total=event.total,
                                     video=event.video, videos=event.videos, progress=round(event.progress * 100, 1))
@@ -149,7 +159,7 @@ class Worker:
             on_event(Event("write", 0, 1, len(videos) - 1, len(videos)))
             self._write_outputs(job_id, videos)
         except ServerStopping:
-            self.store.requeue(job_id)
+            self._record(self.store.requeue, job_id)
             return
         except Cancelled:
             self._finish(job_id, CANCELED)
@@ -168,9 +178,36 @@ class Worker:
 
     def _finish(self, job_id: str, status: str, error: Optional[tuple[str, str]] = None) -> None:
         shutil.rmtree(self.store.videos_dir / f".{job_id}.partial", ignore_errors=True)
-        self.store.finish(job_id, status, error)
-        details = {"error": {"code": error[0], "message": error[1]}} if error else {}
-        self.events.publish(job_id, status, **details)
+        if self._record(self.store.finish, job_id, status, error):
+            details = {"error": {"code": error[0], "message": error[1]}} if error else {}
+            self.events.publish(job_id, status, **details)
+
+    def _note(self, write, job_id: str, *args) -> None:
+        """Keep a running job's progress or warning where the database has room. A full disk does not stop the job:
+        its events still reach the streams, and its result waits for room (`_record`)."""
+        try:
+            write(job_id, *args)
+        except WriteError as exc:
+            if self._unsaved_progress != job_id:  # once per job, not once per step
+                self._unsaved_progress = job_id
+                log.warning("job %s goes on without saving its progress: %s", job_id, exc)
+
+    def _record(self, write, job_id: str, *args) -> bool:
+        """Write a job's new state, waiting for room while the database is full, so that a finished job's result is
+        never dropped. False if the server stops first: the restarted server then runs the job again."""
+        waiting = False
+        while True:
+            try:
+                write(job_id, *args)
+                return True
+            except WriteError as exc:
+                if not waiting:
+                    waiting = True
+                    log.warning("job %s waits for room to record its result: %s", job_id, exc)
+                    self.events.publish(job_id, "warning", message="the server's disk is full: this job's result "
+                                                                   "is recorded once there is room")
+            if self._stopping.wait(FULL_DATABASE_RETRY_SECONDS):
+                return False
 
     def _write_outputs(self, job_id: str, videos) -> None:
         """All files into a hidden folder, renamed into place at once: a job's files are all there or none are. A
