@@ -81,7 +81,7 @@ def test_a_video_too_large_for_the_gpu_says_what_to_change_and_leaves_the_graphs
     before = torch.cuda.memory_allocated()
     torch.cuda.set_per_process_memory_fraction(2**30 / torch.cuda.get_device_properties(0).total_memory)  # 1 GiB
     try:
-        with pytest.raises(vidsynth.OutOfMemoryError, match="try --offload model"):
+        with pytest.raises(vidsynth.OutOfMemoryError, match=r"\(cuda, float32, \d+\.\d GiB\); try --offload model"):
             # The tiny VAE scales by 2: one of the UNet's first activations alone is 2 GiB.
             pipeline("a red circle", frames=32, height=1024, width=1024, steps=1, progress=False)
         assert torch.cuda.memory_allocated() <= before + 2**20  # the failed run's tensors are gone

@@ -3,6 +3,7 @@
 import copy
 import warnings
 import weakref
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -143,12 +144,16 @@ def test_running_out_of_memory_says_what_to_change_and_frees_the_run(tiny_pipeli
         frames_of(tiny_pipeline)
 
 
-def test_out_of_memory_advice_names_what_is_left_to_change(tiny_pipeline):
+def test_out_of_memory_advice_names_the_gpus_size_and_what_is_left_to_change(tiny_pipeline, monkeypatch):
     on_gpu = copy.copy(tiny_pipeline)
     on_gpu.device, on_gpu.dtype = torch.device("cuda"), torch.float32
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=85520809984))
     assert on_gpu.out_of_memory_advice() == (
-        "out of GPU memory making the video (cuda, float32); try --offload model (or --offload sequential: the least "
-        "memory, slowest), --forward-chunking, --dtype float16, fewer frames or a smaller size")
+        "out of GPU memory making the video (cuda, float32, 79.6 GiB); try --offload model (or --offload sequential: "
+        "the least memory, slowest), --forward-chunking, --dtype float16, fewer frames or a smaller size")
+    monkeypatch.undo()  # a size torch cannot tell is left out
+    if not torch.cuda.is_available():
+        assert on_gpu.out_of_memory_advice().startswith("out of GPU memory making the video (cuda, float32); try")
     on_gpu.offload, on_gpu.forward_chunking, on_gpu.dtype = "model", True, torch.float16
     assert on_gpu.out_of_memory_advice().endswith("try --offload sequential, fewer frames or a smaller size")
 

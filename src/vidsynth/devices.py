@@ -7,7 +7,7 @@ torch is imported where it is used: the command line builds its options from the
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from .errors import RequestError
 
@@ -72,6 +72,19 @@ def is_out_of_memory(error: BaseException) -> bool:
     return any(isinstance(cause, (torch.OutOfMemoryError, MemoryError))
                or (isinstance(cause, RuntimeError) and any(sign in str(cause) for sign in signs))
                for cause in (error, error.__context__))
+
+
+def device_memory_bytes(device: torch.device) -> Optional[int]:
+    """A GPU's own memory, for messages; None for the CPU (its memory is the host's) or where unknown."""
+    import torch
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        if device.type == "mps":
+            return torch.mps.recommended_max_memory()
+    except (RuntimeError, AssertionError, AttributeError):  # torch built without that backend, or an older torch
+        pass
+    return None
 
 
 def dtype_name(dtype: torch.dtype) -> str:

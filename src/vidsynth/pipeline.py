@@ -23,7 +23,7 @@ from .convolution import rewritten_convolutions
 from .cpu_memory import available_memory_bytes, free_memory_handed_back, freed_memory_reused
 from .cuda_graphs import CudaGraphedForward
 from .data import caption_words
-from .devices import OFFLOAD_MODES, dtype_name, is_out_of_memory, resolve_device, resolve_dtype
+from .devices import OFFLOAD_MODES, device_memory_bytes, dtype_name, is_out_of_memory, resolve_device, resolve_dtype
 from .errors import NumericalError, OutOfMemoryError, RequestError
 from .events import Callback, Event, emit
 from .loading import Components, ModelReference, load_components
@@ -428,8 +428,9 @@ class Pipeline:
         if gpu and self.dtype == torch.float32:
             changes.append("--dtype float16")
         changes.append("fewer frames or a smaller size")
-        return (f"out of {'GPU ' if gpu else ''}memory making the video ({self.device.type}, {dtype_name(self.dtype)});"
-                f" try {', '.join(changes)}")
+        size = device_memory_bytes(self.device)
+        on = f"{self.device.type}, {dtype_name(self.dtype)}" + (f", {size / 2**30:.1f} GiB" if size else "")
+        return f"out of {'GPU ' if gpu else ''}memory making the video ({on}); try {', '.join(changes)}"
 
     def settings_for(self, request: GenerationRequest, prompt: str, seed: int) -> dict:
         """What a video file records about how it was made; enough to make it again."""
