@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import itertools
 import json
 import tempfile
@@ -125,8 +126,11 @@ def write_video(path: PathLike, frames: np.ndarray, fps: int, settings: dict, *,
             images[0].save(temporary, format="GIF", save_all=True, append_images=images[1:],
                            duration=round(1000 / fps), loop=0, comment=comment)
         else:
-            with open(temporary, "wb") as handle:
-                np.save(handle, frames)
+            # Through a buffer: numpy writes a real file with C's fwrite, whose failure gives no reason ("N requested
+            # and M written"), where Python's write says "No space left on device".
+            buffer = io.BytesIO()
+            np.save(buffer, frames)
+            Path(temporary).write_bytes(buffer.getbuffer())
         if sidecar:
             sidecar_temporary = files.enter_context(atomic_file(sidecar_path(path)))
             Path(sidecar_temporary).write_text(json.dumps(settings, indent=2) + "\n")
