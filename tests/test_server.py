@@ -602,8 +602,10 @@ def test_a_full_job_database_answers_507_and_the_server_goes_on_once_there_is_ro
         assert full.json()["error"]["message"] == ("the server could not store what this request needs: database or "
                                                    "disk is full")
         assert str(tmp_path) not in full.text
+        assert client.get("/healthz").json()["status"] == "disk_full"
         store._query("PRAGMA max_page_count = 1000000")
         assert wait_for(client, submit(client, **FAST)["id"])["status"] == "completed"
+        assert client.get("/healthz").json()["status"] == "ok"
 
 
 class FillableStore(server_module.JobStore):
@@ -651,12 +653,14 @@ def test_a_job_that_finishes_on_a_full_disk_keeps_its_result_until_there_is_room
             assert warning["message"] == "the server's disk is full: this job's result is recorded once there is room"
             assert client.get(f"/v1/videos/{running['id']}").json()["status"] == "in_progress"
             assert client.post("/v1/videos", json={"prompt": PROMPT, **FAST}).status_code == 507
+            assert client.get("/healthz").json()["status"] == "disk_full"
             time.sleep(0.3)  # the worker keeps trying, and the queue waits without losing its worker
             store.full = False
             rest = [event["event"] for event in events]
         assert rest[-1] == "completed" and "failed" not in rest
         done = client.get(f"/v1/videos/{running['id']}").json()
         assert done["status"] == "completed" and done["progress"] == 100
+        assert client.get("/healthz").json()["status"] == "ok"
         frames = _decode_mp4(client.get(f"/v1/videos/{running['id']}/content").content)
         assert frames.shape == (8, 64, 64, 3)
         assert wait_for(client, queued["id"])["status"] == "completed"

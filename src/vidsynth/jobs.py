@@ -131,6 +131,7 @@ class JobStore:
         # writes are serial anyway, and every statement here is short.
         path = self.data_dir / "jobs.sqlite3"
         self._lock = threading.Lock()
+        self.disk_full = False  # the last write to the database failed for want of room, and none has succeeded since
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.row_factory = sqlite3.Row
@@ -150,12 +151,16 @@ class JobStore:
     def _database(self):
         """The connection, for one thread at a time. A database that cannot grow (a full disk) raises WriteError."""
         with self._lock:
+            changes = self._db.total_changes
             try:
                 yield self._db
             except sqlite3.OperationalError as exc:
                 if not _is_full(exc):
                     raise
+                self.disk_full = True
                 raise WriteError(f"could not write the job database: {exc}", str(exc)) from exc
+            if self._db.total_changes != changes:
+                self.disk_full = False
 
     def _query(self, sql: str, parameters=()) -> list[sqlite3.Row]:
         with self._database() as database:

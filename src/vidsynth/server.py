@@ -212,8 +212,9 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
 
     @app.get("/healthz", tags=["server"])
     def healthz():
-        return {"status": "ok", "version": __version__, "model": pipeline.name, "device": str(pipeline.device),
-                "dtype": dtype_name(pipeline.dtype), "queued": state["store"].queued_count(),
+        store = state["store"]
+        return {"status": "disk_full" if store.disk_full else "ok", "version": __version__, "model": pipeline.name,
+                "device": str(pipeline.device), "dtype": dtype_name(pipeline.dtype), "queued": store.queued_count(),
                 "running": state["worker"].current, "ready": not state["worker"].warming_up}
 
     @app.post("/v1/videos", status_code=202, tags=["videos"], response_model=Job, responses=errors(409, 429, 507))
