@@ -176,6 +176,25 @@ def test_commands_that_load_no_model_run_without_the_model_libraries(tmp_path):
     assert json.loads(done.stdout) == [[], [], []]
 
 
+def test_a_command_that_loads_a_model_says_so_before_importing_the_model_libraries(tmp_path):
+    """Importing them takes seconds (the most of a first video's time): the person is told what is happening first."""
+    script = """if True:
+        import sys
+        class Watch:
+            def find_spec(self, name, path=None, target=None):
+                if name in ("diffusers", "transformers"):
+                    print(f"importing {name}", file=sys.stderr)
+        sys.meta_path.insert(0, Watch())
+        from vidsynth.cli import main
+        assert main(["generate", "a red circle", "--frames", "1", "--steps", "1", "-o", sys.argv[1]]) == 0
+    """
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "v.npy")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith("loading the shipped model...\nimporting "), done.stderr[:200]
+    assert np.load(tmp_path / "v.npy").shape == (1, 64, 64, 3)
+
+
 def test_mp4_metadata_drives_info_and_default_names(tiny_model_dir, tmp_path):
     made = vidsynth("generate", "A car flying in space.", "--model", tiny_model_dir, *SMALL, "--seed", "3",
                     "--num-videos", "2", cwd=tmp_path)

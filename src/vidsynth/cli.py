@@ -91,13 +91,15 @@ def _quiet_warnings() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _before_loading(model: str | None) -> None:
+def _before_loading(model: str | None, args, announce: bool = True) -> None:
     """What every command that loads a model does once its own arguments are checked: refuse a model reference that
-    points nowhere, then import the model libraries and turn their loading bars off. In that order, because importing
-    them takes seconds that a mistyped command should not wait for (BENCHMARKS.md, "The shipped model on a
-    laptop-class CPU")."""
+    points nowhere, say that the model loads, then import the model libraries and turn their loading bars off. In that
+    order, because importing them takes seconds (BENCHMARKS.md, "The shipped model on a laptop-class CPU"), which a
+    mistyped command should not wait for, nor a person wait through without a word."""
     from .loading import model_source
     model_source(model)
+    if announce:
+        _status(f"loading {model or 'the shipped model'}...", args)
     import diffusers.utils.logging
     import transformers.utils.logging
     diffusers.utils.logging.disable_progress_bar()
@@ -316,8 +318,7 @@ def run_generate(args) -> int:
     if args.output and request.total_videos > 1:
         for path in output_paths(args.output, [None] * request.total_videos):
             check_output_path(path)
-    _before_loading(model)
-    _status(f"loading {model or 'the shipped model'}...", args)
+    _before_loading(model, args)
     from .pipeline import load
     pipeline = load(model, **_runtime(args))
     if args.compile:
@@ -353,7 +354,7 @@ def run_convert(args) -> int:
         raise OutputError(f"{destination} already exists and is not an empty folder")
     if not destination.parent.is_dir():
         raise OutputError(f"output directory {destination.parent} does not exist")
-    _before_loading(args.source)
+    _before_loading(args.source, args)
     components = load_components(args.source)
     with atomic_folder(destination) as partial:
         save_model_folder(components, partial, dtype=getattr(torch, args.dtype))
@@ -424,7 +425,7 @@ def run_eval(args) -> int:
     from .files import check_file_path
     if args.json_path:
         check_file_path(args.json_path)  # now, not after minutes of evaluating
-    _before_loading(args.model)
+    _before_loading(args.model, args)
     from .evaluate import default_specs, evaluate, format_table, write_json
     from .pipeline import load
     from .progress import ProgressBar
@@ -464,17 +465,16 @@ def run_serve(args) -> int:
         raise UsageError(f"cannot use --data-dir {args.data_dir}: {exc.strerror or exc}") from None
     from .jobs import JobStore
     JobStore(settings.data_dir).close()  # a job database it cannot use is refused now, not after the model loads
-    _before_loading(args.model)
     # Loaded here rather than as the app starts, so that a model that cannot load is reported as every command
     # reports errors, not as a traceback from the server's start-up.
-    _status(f"loading {args.model or 'the shipped model'}...", args)
+    _before_loading(args.model, args)
     from .pipeline import load
     serve(settings, host=args.host, port=args.port, pipeline=load(args.model, **settings.runtime))
     return 0
 
 
 def run_train(args) -> int:
-    _before_loading(args.init)
+    _before_loading(args.init, args, announce=args.init is not None)
     from .train import CHECKPOINT, TrainOptions, train
     options = TrainOptions(out=Path(args.out), architecture=args.architecture, init=args.init, data=args.data,
                            steps=args.steps, vae_steps=args.vae_steps, text_steps=args.text_steps,
