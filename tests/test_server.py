@@ -636,7 +636,7 @@ class _FullDisk:
 def test_a_job_that_finishes_on_a_full_disk_keeps_its_result_until_there_is_room(shipped_pipeline, tmp_path,
                                                                                  monkeypatch):
     import vidsynth.worker as worker_module
-    monkeypatch.setattr(worker_module, "FULL_DATABASE_RETRY_SECONDS", 0.05)
+    monkeypatch.setattr(worker_module, "DATABASE_RETRY_SECONDS", 0.05)
     monkeypatch.setattr(server_module, "KEEPALIVE_SECONDS", 0.5)  # lines keep coming, so a stuck stream times out
     monkeypatch.setattr(FillableStore, "instances", [])
     monkeypatch.setattr(server_module, "JobStore", FillableStore)
@@ -664,6 +664,22 @@ def test_a_job_that_finishes_on_a_full_disk_keeps_its_result_until_there_is_room
         frames = _decode_mp4(client.get(f"/v1/videos/{running['id']}/content").content)
         assert frames.shape == (8, 64, 64, 3)
         assert wait_for(client, queued["id"])["status"] == "completed"
+
+
+def test_a_queue_that_fails_to_answer_does_not_take_the_worker_down(client, monkeypatch):
+    import vidsynth.worker as worker_module
+    monkeypatch.setattr(worker_module, "DATABASE_RETRY_SECONDS", 0.05)
+    original, failures = server_module.JobStore.claim_next, []
+
+    def claim_next(store):
+        if len(failures) < 3:
+            failures.append("disk I/O error")
+            raise sqlite3.OperationalError("disk I/O error")
+        return original(store)
+
+    monkeypatch.setattr(server_module.JobStore, "claim_next", claim_next)
+    assert wait_for(client, submit(client, **FAST)["id"])["status"] == "completed"
+    assert len(failures) == 3
 
 
 def test_an_unexpected_failure_is_answered_in_the_apis_error_shape(client, monkeypatch):

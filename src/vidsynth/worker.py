@@ -26,7 +26,7 @@ from .video import write_video
 
 log = logging.getLogger("vidsynth.server")
 TERMINAL_EVENTS = (COMPLETED, FAILED, CANCELED)
-FULL_DATABASE_RETRY_SECONDS = 5.0  # how often a worker facing a full job database tries its write again
+DATABASE_RETRY_SECONDS = 5.0  # how often the worker tries again a job-database operation that failed
 # Event names clients see, by pipeline phase.
 EVENT_NAMES = {"encode_video": "start_video", "denoise": "step", "decode": "decoding", "write": "encoding"}
 
@@ -73,6 +73,7 @@ class Worker:
         self._thread = threading.Thread(target=self._loop, name="vidsynth-worker", daemon=True)
         self.current: Optional[str] = None
         self._unsaved_progress: Optional[str] = None  # the job whose progress a full database refused
+        self._queue_failing = False
         self.warming_up = pipeline.compiled  # compiling for the model's own video before the first job
 
     def start(self) -> None:
@@ -93,10 +94,16 @@ class Worker:
         while not self._stopping.is_set():
             try:
                 job = self.store.claim_next()
-            except WriteError as exc:  # a full disk: the queue waits for room rather than losing its worker
-                log.warning("cannot take the next job: %s", exc)
-                self._stopping.wait(FULL_DATABASE_RETRY_SECONDS)
+            except Exception as exc:  # a full disk, a failing one: the queue waits rather than losing its worker
+                if not self._queue_failing:  # said once, not every few seconds
+                    log.error("cannot take the next job (trying again every %.0f s): %s", DATABASE_RETRY_SECONDS,
+                              exc, exc_info=not isinstance(exc, WriteError))
+                self._queue_failing = True
+                self._stopping.wait(DATABASE_RETRY_SECONDS)
                 continue
+            if self._queue_failing:
+                log.info("taking jobs again")
+                self._queue_failing = False
             if job is None:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
@@ -110,8 +117,8 @@ class Worker:
                 self.current = None
             try:
                 self.store.prune(self.keep_jobs)
-            except WriteError as exc:
-                log.warning("could not delete old jobs: %s", exc)
+            except Exception:  # housekeeping: the next job's end tries again
+                log.exception("could not delete old jobs")
 
     def _warm_up(self) -> None:
         """A compiled UNet compiles on its first video of a shape, minutes for a full-size model: do it for the
@@ -206,7 +213,7 @@ class Worker:
                     log.warning("job %s waits for room to record its result: %s", job_id, exc)
                     self.events.publish(job_id, "warning", message="the server's disk is full: this job's result "
                                                                    "is recorded once there is room")
-            if self._stopping.wait(FULL_DATABASE_RETRY_SECONDS):
+            if self._stopping.wait(DATABASE_RETRY_SECONDS):
                 return False
 
     def _write_outputs(self, job_id: str, videos) -> None:
