@@ -532,6 +532,21 @@ def test_start_videos_that_are_not_finished_jobs_get_422(client, server, tmp_pat
     client.post(f"/v1/videos/{unfinished['id']}/cancel")
 
 
+@pytest.mark.parametrize("body, content_type, status, message", [
+    (b'{"prompt": "a red circle",', "application/json", 422,
+     "body: not valid JSON (Expecting property name enclosed in double quotes at character 26)"),
+    (b'{"prompt": "a red circle"}', "application/x-www-form-urlencoded", 415,  # curl -d without -H
+     "body: send the settings as JSON, with Content-Type: application/json (not application/x-www-form-urlencoded)"),
+    (b'["a red circle"]', "application/json", 422, 'body: send the settings as a JSON object, such as {"prompt": '
+                                                    '"a red circle"}'),
+    (b"", "application/json", 422, 'body: send the settings as a JSON object, such as {"prompt": "a red circle"}'),
+])
+def test_a_body_that_is_no_json_object_is_answered_with_what_to_send(client, body, content_type, status, message):
+    response = client.post("/v1/videos", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == status
+    assert response.json()["error"]["message"] == message and response.json()["error"]["field"] == "body"
+
+
 def test_a_start_video_deleted_before_its_job_runs_fails_that_job_with_the_reason(client):
     start = wait_for(client, submit(client, **FAST)["id"])
     blocker = submit(client, **SLOW)

@@ -133,6 +133,21 @@ def _error_response(status: int, code: str, message: str, field: Optional[str] =
     return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
+def _body_error(request: Request, error: dict) -> JSONResponse:
+    """A body that is no JSON object at all: what to send, rather than how parsing it failed. `curl -d` without
+    `-H 'Content-Type: application/json'` sends a form, which FastAPI does not read as JSON."""
+    if error["type"] == "json_invalid":
+        reason = error.get("ctx", {}).get("error", "unreadable")
+        return _error_response(422, "invalid_request", f"not valid JSON ({reason} at character {error['loc'][-1]})",
+                               "body")
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if error["type"] != "missing" and content_type != "application/json" and not content_type.endswith("+json"):
+        return _error_response(415, "unsupported_media_type", f"send the settings as JSON, with Content-Type: "
+                                                              f"application/json (not {content_type or 'none'})", "body")
+    return _error_response(422, "invalid_request", 'send the settings as a JSON object, such as {"prompt": "a red '
+                                                   'circle"}', "body")
+
+
 def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
     """The app. `pipeline` is loaded from `settings.model` at start-up unless one is given."""
     state = {}
@@ -183,7 +198,11 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
-        fields = field_errors(exc.errors())
+        errors = exc.errors()
+        whole_body = [error for error in errors if error["loc"] == ("body",) or error["type"] == "json_invalid"]
+        if whole_body:
+            return _body_error(request, whole_body[0])
+        fields = field_errors(errors)
         first = fields[0]
         return _error_response(422, "invalid_request", first["message"], first["field"], fields)
 
@@ -217,7 +236,8 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
                 "device": str(pipeline.device), "dtype": dtype_name(pipeline.dtype), "queued": store.queued_count(),
                 "running": state["worker"].current, "ready": not state["worker"].warming_up}
 
-    @app.post("/v1/videos", status_code=202, tags=["videos"], response_model=Job, responses=errors(409, 429, 507))
+    @app.post("/v1/videos", status_code=202, tags=["videos"], response_model=Job,
+              responses=errors(409, 415, 429, 507))
     def create_video(body: GenerationRequest, idempotency_key: Optional[str] = Header(None, max_length=255)):
         """Queue a generation. The request's unset fields take the model's defaults; a missing seed is drawn now."""
         store = state["store"]
