@@ -95,6 +95,9 @@ def test_submit_stream_poll_and_fetch(client):
     assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
     frames = _decode_mp4(video.content)
     assert frames.shape == (8, 64, 64, 3)
+    head = client.head(f"/v1/videos/{job['id']}/content")  # what a download tool asks first
+    assert head.status_code == 200 and head.content == b"" and head.headers["content-type"] == "video/mp4"
+    assert int(head.headers["content-length"]) == len(video.content) and head.headers["accept-ranges"] == "bytes"
 
     partial = client.get(f"/v1/videos/{job['id']}/content", headers={"Range": "bytes=10-109"})
     assert partial.status_code == 206

@@ -143,7 +143,7 @@ def _body_error(request: Request, error: dict) -> JSONResponse:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if error["type"] != "missing" and content_type != "application/json" and not content_type.endswith("+json"):
         return _error_response(415, "unsupported_media_type", f"send the settings as JSON, with Content-Type: "
-                                                              f"application/json (not {content_type or 'none'})", "body")
+                               f"application/json (not {content_type or 'none'})", "body")
     return _error_response(422, "invalid_request", 'send the settings as a JSON object, such as {"prompt": "a red '
                                                    'circle"}', "body")
 
@@ -315,9 +315,10 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
             state["events"].publish(job_id, CANCELED)
         return job
 
-    @app.get("/v1/videos/{job_id}/content", tags=["videos"], responses=errors(404, 409))
+    @app.api_route("/v1/videos/{job_id}/content", methods=["GET", "HEAD"], tags=["videos"], responses=errors(404, 409))
     def video_content(job_id: str, variant: Literal[tuple(VARIANTS)] = "video", index: int = Query(0, ge=0)):
-        """The finished video (mp4), a thumbnail (png, the middle frame) or an animated gif. Answers Range requests."""
+        """The finished video (mp4), a thumbnail (png, the middle frame) or an animated gif. Answers Range requests,
+        and HEAD (the headers alone: a download tool's first question)."""
         job = job_or_404(job_id)
         if job["status"] != COMPLETED:
             raise ApiError(409, "not_ready", f"the job is {job['status']}; content exists once it has completed")
