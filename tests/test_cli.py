@@ -44,6 +44,7 @@ BAD_INPUT = [
     (["generate", "x", "-o", "clip.avi"], "unknown output extension '.avi'"),
     (["generate", "x", "-o", "missing/clip.mp4"], "output directory missing does not exist"),
     (["generate", "x", "-o", "/proc/1/clip.mp4"], "output directory /proc/1 is not writable"),
+    (["generate", "x", "-o", "/proc/clip.mp4"], "cannot create files in output directory /proc: No such file or"),
     (["generate", "x", "--model", "./no-such-folder"], "model './no-such-folder' not found"),
     (["generate", "x", "--from", "nothing.mp4"], "nothing.mp4 does not exist"),
 ]

@@ -38,6 +38,10 @@ def check_writable_folder(folder: Path) -> None:
         raise OutputError(f"output directory {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"output directory {folder} is not writable")
+    try:  # the permission bits are not the whole answer: a pseudo or network file system, no inodes left
+        new_path_beside(folder / "write-check", ".check").unlink()
+    except OSError as exc:
+        raise OutputError(f"cannot create files in output directory {folder}: {exc.strerror or exc}") from None
 
 
 def refused_write_reason(error: BaseException) -> Optional[str]:
