@@ -208,6 +208,9 @@ class Worker:
                 write(job_id, *args)
                 return True
             except WriteError as exc:
+                if self._stopping.is_set():  # the restarted server finds the job in progress and runs it again
+                    log.warning("job %s: %s", job_id, exc)
+                    return False
                 if not waiting:
                     waiting = True
                     log.warning("job %s waits for room to record its result: %s", job_id, exc)
