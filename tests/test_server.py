@@ -651,16 +651,23 @@ class _FullDisk:
         return self._database.execute(sql, parameters)
 
 
-def test_a_job_that_finishes_on_a_full_disk_keeps_its_result_until_there_is_room(shipped_pipeline, tmp_path,
-                                                                                 monkeypatch):
+@pytest.fixture
+def fillable_stores(monkeypatch) -> list:
+    """The servers a test makes keep their jobs in FillableStores (listed here, as they are made); their workers try
+    a refused write again at once, and their event streams send keep-alives often, so a stuck stream times out."""
     import vidsynth.worker as worker_module
     monkeypatch.setattr(worker_module, "DATABASE_RETRY_SECONDS", 0.05)
-    monkeypatch.setattr(server_module, "KEEPALIVE_SECONDS", 0.5)  # lines keep coming, so a stuck stream times out
+    monkeypatch.setattr(server_module, "KEEPALIVE_SECONDS", 0.5)
     monkeypatch.setattr(FillableStore, "instances", [])
     monkeypatch.setattr(server_module, "JobStore", FillableStore)
+    return FillableStore.instances
+
+
+def test_a_job_that_finishes_on_a_full_disk_keeps_its_result_until_there_is_room(shipped_pipeline, tmp_path,
+                                                                                 fillable_stores):
     with LiveServer(create_app(ServerSettings(data_dir=tmp_path), pipeline=shipped_pipeline)) as live, \
             httpx.Client(base_url=live.url, timeout=60) as client:
-        [store] = FillableStore.instances
+        [store] = fillable_stores
         running = submit(client, frames=8, steps=40)
         queued = submit(client, **FAST)
         with client.stream("GET", f"/v1/videos/{running['id']}/events") as response:
@@ -682,6 +689,25 @@ def test_a_job_that_finishes_on_a_full_disk_keeps_its_result_until_there_is_room
         frames = _decode_mp4(client.get(f"/v1/videos/{running['id']}/content").content)
         assert frames.shape == (8, 64, 64, 3)
         assert wait_for(client, queued["id"])["status"] == "completed"
+
+
+def test_a_result_waiting_for_room_when_the_server_stops_is_made_again_after_the_restart(shipped_pipeline, tmp_path,
+                                                                                        fillable_stores):
+    with LiveServer(create_app(ServerSettings(data_dir=tmp_path), pipeline=shipped_pipeline)) as live, \
+            httpx.Client(base_url=live.url, timeout=60) as client:
+        [store] = fillable_stores
+        job = submit(client, frames=8, steps=40)
+        with client.stream("GET", f"/v1/videos/{job['id']}/events") as response:
+            events = read_events(response, timeout=60)
+            next(event for event in events if event["event"] == "step")
+            store.full = True
+            next(event for event in events if event["event"] == "warning")
+    # Stopped while the result waited for room; the disk has room again when the server comes back.
+    with LiveServer(create_app(ServerSettings(data_dir=tmp_path), pipeline=shipped_pipeline)) as live, \
+            httpx.Client(base_url=live.url, timeout=60) as client:
+        done = wait_for(client, job["id"])
+        assert done["status"] == "completed" and done["attempts"] == 2
+        assert _decode_mp4(client.get(f"/v1/videos/{job['id']}/content").content).shape == (8, 64, 64, 3)
 
 
 def test_a_queue_that_fails_to_answer_does_not_take_the_worker_down(client, monkeypatch):
