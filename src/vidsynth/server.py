@@ -315,7 +315,8 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
             state["events"].publish(job_id, CANCELED)
         return job
 
-    @app.api_route("/v1/videos/{job_id}/content", methods=["GET", "HEAD"], tags=["videos"], responses=errors(404, 409))
+    @app.get("/v1/videos/{job_id}/content", tags=["videos"], responses=errors(404, 409))
+    @app.head("/v1/videos/{job_id}/content", include_in_schema=False)  # one operation in the API's description
     def video_content(job_id: str, variant: Literal[tuple(VARIANTS)] = "video", index: int = Query(0, ge=0)):
         """The finished video (mp4), a thumbnail (png, the middle frame) or an animated gif. Answers Range requests,
         and HEAD (the headers alone: a download tool's first question)."""
