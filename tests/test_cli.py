@@ -259,6 +259,8 @@ def test_converted_model_folders_are_not_private_and_do_not_name_their_source(ti
     converted = vidsynth("convert", tiny_model_dir, tmp_path / "converted", "--dtype", "float16", cwd=tmp_path,
                          umask=0o022)
     assert converted.returncode == 0, converted.stderr
+    # Nothing but what vidsynth says: diffusers' logging, which warns of every cast of a model, stays off.
+    assert converted.stderr == f"loading {tiny_model_dir}...\nwrote {tmp_path / 'converted'} (diffusers layout, float16)\n"
     assert stat.S_IMODE((tmp_path / "converted").stat().st_mode) == 0o755  # not private, as temporary folders are made
     for part in ("unet", "vae", "text_encoder"):
         assert str(tiny_model_dir) not in (tmp_path / "converted" / part / "config.json").read_text(), part

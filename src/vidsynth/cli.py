@@ -86,8 +86,11 @@ def _quiet_warnings() -> None:
     warnings.showwarning = lambda message, category, *rest: print(f"vidsynth: warning: {message}", file=sys.stderr)
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
-    for name in ("diffusers", "transformers", "huggingface_hub", "accelerate"):
+    for name in ("huggingface_hub", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # diffusers and transformers set their loggers' level as they are imported, from these (a person may set them).
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
