@@ -665,6 +665,16 @@ def fillable_stores(monkeypatch) -> list:
     return FillableStore.instances
 
 
+@contextlib.contextmanager
+def events_from_a_full_disk(client, store: FillableStore, job_id: str):
+    """The job's events from its first denoising step on, with the store's disk full from that step."""
+    with client.stream("GET", f"/v1/videos/{job_id}/events") as response:
+        events = read_events(response, timeout=60)
+        next(event for event in events if event["event"] == "step")
+        store.full = True
+        yield events
+
+
 def test_a_job_that_finishes_on_a_full_disk_keeps_its_result_until_there_is_room(shipped_pipeline, tmp_path,
                                                                                  fillable_stores):
     with LiveServer(create_app(ServerSettings(data_dir=tmp_path), pipeline=shipped_pipeline)) as live, \
@@ -672,10 +682,8 @@ def test_a_job_that_finishes_on_a_full_disk_keeps_its_result_until_there_is_room
         [store] = fillable_stores
         running = submit(client, frames=8, steps=40)
         queued = submit(client, **FAST)
-        with client.stream("GET", f"/v1/videos/{running['id']}/events") as response:
-            events = read_events(response, timeout=60)
-            next(event for event in events if event["event"] == "step")
-            store.full = True  # from here the job's progress cannot be saved, nor its result, nor the next claim
+        # From its first step the job's progress cannot be saved, nor its result, nor the next claim.
+        with events_from_a_full_disk(client, store, running["id"]) as events:
             warning = next(event for event in events if event["event"] == "warning")
             assert warning["message"] == "the server's disk is full: this job's result is recorded once there is room"
             assert client.get(f"/v1/videos/{running['id']}").json()["status"] == "in_progress"
@@ -699,10 +707,7 @@ def test_a_result_waiting_for_room_when_the_server_stops_is_made_again_after_the
             httpx.Client(base_url=live.url, timeout=60) as client:
         [store] = fillable_stores
         job = submit(client, frames=8, steps=40)
-        with client.stream("GET", f"/v1/videos/{job['id']}/events") as response:
-            events = read_events(response, timeout=60)
-            next(event for event in events if event["event"] == "step")
-            store.full = True
+        with events_from_a_full_disk(client, store, job["id"]) as events:
             next(event for event in events if event["event"] == "warning")
     # Stopped while the result waited for room; the disk has room again when the server comes back.
     with LiveServer(create_app(ServerSettings(data_dir=tmp_path), pipeline=shipped_pipeline)) as live, \
