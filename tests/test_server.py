@@ -628,10 +628,15 @@ def test_a_full_job_database_answers_507_and_the_server_goes_on_once_there_is_ro
         assert client.get("/healthz").json()["status"] == "ok"
 
 
-class FillableStore(server_module.JobStore):
-    """A job store whose disk can fill up: every write then fails as SQLite fails on a full disk, reads go on."""
+FULL_DISK = "database or disk is full"
+FAILING_DISK = "disk I/O error"
+
+
+class FailingStore(server_module.JobStore):
+    """A job store whose disk can fill up (every write then fails as SQLite fails on a full disk, reads go on) or fail
+    (every statement fails as on a disk giving I/O errors)."""
     instances: list = []
-    full = False
+    failure = None  # None, FULL_DISK or FAILING_DISK
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -640,57 +645,66 @@ class FillableStore(server_module.JobStore):
     @contextlib.contextmanager
     def _database(self):
         with super()._database() as database:
-            yield _FullDisk(database) if self.full else database
+            yield _FailingDisk(database, self.failure) if self.failure else database
 
 
-class _FullDisk:
-    def __init__(self, database):
-        self._database = database
+class _FailingDisk:
+    def __init__(self, database, failure: str):
+        self._database, self._failure = database, failure
 
     def execute(self, sql: str, parameters=()):
-        if not sql.lstrip().upper().startswith(("SELECT", "PRAGMA")):
-            raise sqlite3.OperationalError("database or disk is full")
+        if self._failure == FAILING_DISK or not sql.lstrip().upper().startswith(("SELECT", "PRAGMA")):
+            raise sqlite3.OperationalError(self._failure)
         return self._database.execute(sql, parameters)
 
 
 @pytest.fixture
-def fillable_stores(monkeypatch) -> list:
-    """The servers a test makes keep their jobs in FillableStores (listed here, as they are made); their workers try
+def failing_stores(monkeypatch) -> list:
+    """The servers a test makes keep their jobs in FailingStores (listed here, as they are made); their workers try
     a refused write again at once, and their event streams send keep-alives often, so a stuck stream times out."""
     import vidsynth.worker as worker_module
     monkeypatch.setattr(worker_module, "DATABASE_RETRY_SECONDS", 0.05)
     monkeypatch.setattr(server_module, "KEEPALIVE_SECONDS", 0.5)
-    monkeypatch.setattr(FillableStore, "instances", [])
-    monkeypatch.setattr(server_module, "JobStore", FillableStore)
-    return FillableStore.instances
+    monkeypatch.setattr(FailingStore, "instances", [])
+    monkeypatch.setattr(server_module, "JobStore", FailingStore)
+    return FailingStore.instances
 
 
 @contextlib.contextmanager
-def events_from_a_full_disk(client, store: FillableStore, job_id: str):
-    """The job's events from its first denoising step on, with the store's disk full from that step."""
+def events_from_a_failing_disk(client, store: FailingStore, job_id: str, failure: str):
+    """The job's events from its first denoising step on, with the store's disk full or failing from that step."""
     with client.stream("GET", f"/v1/videos/{job_id}/events") as response:
         events = read_events(response, timeout=60)
         next(event for event in events if event["event"] == "step")
-        store.full = True
+        store.failure = failure
         yield events
 
 
-def test_a_job_that_finishes_on_a_full_disk_keeps_its_result_until_there_is_room(shipped_pipeline, tmp_path,
-                                                                                 fillable_stores):
+@pytest.mark.parametrize("failure", [FULL_DISK, FAILING_DISK])
+def test_a_job_that_finishes_on_a_full_or_failing_disk_keeps_its_result_until_the_disk_works(
+        shipped_pipeline, tmp_path, failing_stores, failure):
     with LiveServer(create_app(ServerSettings(data_dir=tmp_path), pipeline=shipped_pipeline)) as live, \
             httpx.Client(base_url=live.url, timeout=60) as client:
-        [store] = fillable_stores
+        [store] = failing_stores
         running = submit(client, frames=8, steps=40)
         queued = submit(client, **FAST)
         # From its first step the job's progress cannot be saved, nor its result, nor the next claim.
-        with events_from_a_full_disk(client, store, running["id"]) as events:
+        with events_from_a_failing_disk(client, store, running["id"], failure) as events:
             warning = next(event for event in events if event["event"] == "warning")
-            assert warning["message"] == "the server's disk is full: this job's result is recorded once there is room"
-            assert client.get(f"/v1/videos/{running['id']}").json()["status"] == "in_progress"
-            assert client.post("/v1/videos", json={"prompt": PROMPT, **FAST}).status_code == 507
-            assert client.get("/healthz").json()["status"] == "disk_full"
-            time.sleep(0.3)  # the worker keeps trying, and the queue waits without losing its worker
-            store.full = False
+            health = client.get("/healthz").json()
+            if failure == FULL_DISK:
+                assert warning["message"] == ("the server's disk is full: this job's result is recorded once there "
+                                              "is room")
+                assert client.get(f"/v1/videos/{running['id']}").json()["status"] == "in_progress"
+                assert client.post("/v1/videos", json={"prompt": PROMPT, **FAST}).status_code == 507
+                assert health["status"] == "disk_full"
+            else:
+                assert warning["message"] == ("the server's job database failed (disk I/O error): this job's result "
+                                              "is recorded once it works again")
+                assert client.get(f"/v1/videos/{running['id']}").status_code == 500
+                assert health["status"] == "database_error" and health["queued"] is None
+            time.sleep(0.3)  # the worker keeps trying, the queue waits without losing its worker, the stream stays
+            store.failure = None
             rest = [event["event"] for event in events]
         assert rest[-1] == "completed" and "failed" not in rest
         done = client.get(f"/v1/videos/{running['id']}").json()
@@ -702,12 +716,12 @@ def test_a_job_that_finishes_on_a_full_disk_keeps_its_result_until_there_is_room
 
 
 def test_a_result_waiting_for_room_when_the_server_stops_is_made_again_after_the_restart(shipped_pipeline, tmp_path,
-                                                                                        fillable_stores):
+                                                                                        failing_stores):
     with LiveServer(create_app(ServerSettings(data_dir=tmp_path), pipeline=shipped_pipeline)) as live, \
             httpx.Client(base_url=live.url, timeout=60) as client:
-        [store] = fillable_stores
+        [store] = failing_stores
         job = submit(client, frames=8, steps=40)
-        with events_from_a_full_disk(client, store, job["id"]) as events:
+        with events_from_a_failing_disk(client, store, job["id"], FULL_DISK) as events:
             next(event for event in events if event["event"] == "warning")
     # Stopped while the result waited for room; the disk has room again when the server comes back.
     with LiveServer(create_app(ServerSettings(data_dir=tmp_path), pipeline=shipped_pipeline)) as live, \

@@ -131,7 +131,9 @@ class JobStore:
         # writes are serial anyway, and every statement here is short.
         path = self.data_dir / "jobs.sqlite3"
         self._lock = threading.Lock()
-        self.disk_full = False  # the last write to the database failed for want of room, and none has succeeded since
+        # "disk_full" from a write refused for want of room until a write succeeds; "database_error" from any other
+        # failure of the database (a failing disk) until a statement succeeds; else "ok".
+        self.health = "ok"
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.row_factory = sqlite3.Row
@@ -156,11 +158,12 @@ class JobStore:
                 yield self._db
             except sqlite3.OperationalError as exc:
                 if not _is_full(exc):
+                    self.health = "database_error"
                     raise
-                self.disk_full = True
+                self.health = "disk_full"
                 raise WriteError(f"could not write the job database: {exc}", str(exc)) from exc
-            if self._db.total_changes != changes:
-                self.disk_full = False
+            if self.health == "database_error" or self._db.total_changes != changes:
+                self.health = "ok"
 
     def _query(self, sql: str, parameters=()) -> list[sqlite3.Row]:
         with self._database() as database:
@@ -288,12 +291,16 @@ class JobStore:
                 kept = json.loads(row["warnings"] or "[]") + [message]
                 database.execute("UPDATE jobs SET warnings = ? WHERE id = ?", (json.dumps(kept), job_id))
 
-    def finish(self, job_id: str, status: str, error: Optional[tuple[str, str]] = None) -> None:
+    def finish(self, job_id: str, status: str, error: Optional[tuple[str, str]] = None) -> bool:
+        """Record how a job ended. False if it is gone (deleted)."""
         code, message = error or (None, None)
         progress_sql = "1" if status == COMPLETED else "progress"
-        self._query(f"UPDATE jobs SET status = ?, progress = {progress_sql}, error_code = ?, error_message = ?, "
-                    "completed_at = ? WHERE id = ?", (status, code, message, time.time(), job_id))
+        with self._database() as database:
+            found = database.execute(
+                f"UPDATE jobs SET status = ?, progress = {progress_sql}, error_code = ?, error_message = ?, "
+                "completed_at = ? WHERE id = ?", (status, code, message, time.time(), job_id)).rowcount > 0
         self.changes.notify()
+        return found
 
     def requeue(self, job_id: str) -> None:
         """Put back a job the server stopped under on purpose (shutdown); that run does not count as an attempt."""

@@ -14,6 +14,7 @@ import ipaddress
 import json
 import secrets
 import socket
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -30,8 +31,8 @@ from starlette.exceptions import HTTPException
 from . import __version__
 from .devices import dtype_name
 from .errors import InputError, RequestError, UsageError, WriteError
-from .jobs import (CANCELED, COMPLETED, FAILED, FINISHED, QUEUED, UPLOAD_TYPES, VARIANTS, IdempotencyConflict,
-                   JobStore)
+from .jobs import (CANCELED, COMPLETED, FAILED, FINISHED, IN_PROGRESS, QUEUED, UPLOAD_TYPES, VARIANTS,
+                   IdempotencyConflict, JobStore)
 from .request import DEFAULT_STRENGTH, MAX_SIDE, PRESETS, SCHEDULERS, GenerationRequest, field_errors
 from .video import read_frames
 from .worker import TERMINAL_EVENTS, EventLog, Worker, with_start_file
@@ -40,6 +41,7 @@ TOKEN_COOKIE = "vidsynth_token"
 KEEPALIVE_SECONDS = 15.0
 SHUTDOWN_GRACE_SECONDS = 5  # what requests in flight get to finish once the server is told to stop
 EVENT_RECHECK_SECONDS = 1.0  # streams wake on changes (JobChanges); this bounds a missed one
+UNREADABLE_JOB = {"status": None}  # what a stream knows of its job while the database fails: keep-alives go on
 
 
 @dataclass
@@ -232,8 +234,12 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
     @app.get("/healthz", tags=["server"])
     def healthz():
         store = state["store"]
-        return {"status": "disk_full" if store.disk_full else "ok", "version": __version__, "model": pipeline.name,
-                "device": str(pipeline.device), "dtype": dtype_name(pipeline.dtype), "queued": store.queued_count(),
+        try:
+            queued = store.queued_count()
+        except sqlite3.Error:  # a failing disk: the status says so
+            queued = None
+        return {"status": store.health, "version": __version__, "model": pipeline.name,
+                "device": str(pipeline.device), "dtype": dtype_name(pipeline.dtype), "queued": queued,
                 "running": state["worker"].current, "ready": not state["worker"].warming_up}
 
     @app.post("/v1/videos", status_code=202, tags=["videos"], response_model=Job,
@@ -361,7 +367,10 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
             if new_events:  # the job is running here and said so itself: nothing to ask the database
                 await store.changes.wait(job_id, change, EVENT_RECHECK_SECONDS)
                 continue
-            job = store.get(job_id)
+            try:
+                job = store.get(job_id)
+            except sqlite3.Error:  # a failing disk: the worker's events still come here; the database is asked again
+                job = UNREADABLE_JOB
             if job is None:
                 yield _sse({"event": "deleted", "id": job_id, "time": time.time()})
                 return
@@ -374,7 +383,7 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
                 last_position = job["queue_position"]
                 last_sent = loop.time()
                 yield _sse({"event": "queued", "id": job_id, "time": time.time(), "queue_position": last_position})
-            elif job["status"] != QUEUED and not announced_running:
+            elif job["status"] == IN_PROGRESS and not announced_running:
                 # Running without events: either the worker has claimed it and is about to say so (wait for that),
                 # or its events were dropped from the log (seen again at the next look): say where it is.
                 if seen_running_without_events:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -27,6 +28,8 @@ from .video import write_video
 log = logging.getLogger("vidsynth.server")
 TERMINAL_EVENTS = (COMPLETED, FAILED, CANCELED)
 DATABASE_RETRY_SECONDS = 5.0  # how often the worker tries again a job-database operation that failed
+# What the job database raises on a full disk (WriteError) or a failing one: the worker waits these out.
+DATABASE_FAILURES = (WriteError, sqlite3.Error)
 # Event names clients see, by pipeline phase.
 EVENT_NAMES = {"encode_video": "start_video", "denoise": "step", "decode": "decoding", "write": "encoding"}
 
@@ -72,7 +75,7 @@ class Worker:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="vidsynth-worker", daemon=True)
         self.current: Optional[str] = None
-        self._unsaved_progress: Optional[str] = None  # the job whose progress a full database refused
+        self._unsaved_progress: Optional[str] = None  # the job whose progress the database refused
         self._queue_failing = False
         self.warming_up = pipeline.compiled  # compiling for the model's own video before the first job
 
@@ -147,13 +150,13 @@ class Worker:
         def on_event(event: Event) -> None:
             if self._stopping.is_set():
                 raise ServerStopping()
-            if self.store.cancel_requested(job_id):
+            if self._best_effort(self.store.cancel_requested, job_id):
                 raise Cancelled("canceled")
             if event.message:
-                self._note(self.store.add_warning, job_id, event.message)
+                self._best_effort(self.store.add_warning, job_id, event.message)
                 self.events.publish(job_id, "warning", message=event.message)
                 return
-            self._note(self.store.set_progress, job_id, event.progress, event.phase)
+            self._best_effort(self.store.set_progress, job_id, event.progress, event.phase)
             if event.phase in EVENT_NAMES:
                 self.events.publish(job_id, EVENT_NAMES[event.phase], step=event.step, total=event.total,
                                     video=event.video, videos=event.videos, progress=round(event.progress * 100, 1))
@@ -178,46 +181,47 @@ class Worker:
             log.exception("job %s failed", job_id)
             self._finish(job_id, FAILED, ("internal_error", f"{type(exc).__name__}: {exc}"))
             return
-        if self.store.get(job_id) is None:  # deleted while its files were being written
-            shutil.rmtree(self.store.videos_dir / job_id, ignore_errors=True)
-            return
         self._finish(job_id, COMPLETED)
 
     def _finish(self, job_id: str, status: str, error: Optional[tuple[str, str]] = None) -> None:
         shutil.rmtree(self.store.videos_dir / f".{job_id}.partial", ignore_errors=True)
-        if self._record(self.store.finish, job_id, status, error):
+        found = self._record(self.store.finish, job_id, status, error)
+        if found is False:  # deleted while it ran or its files were being written: their streams say so
+            shutil.rmtree(self.store.videos_dir / job_id, ignore_errors=True)
+        elif found:
             details = {"error": {"code": error[0], "message": error[1]}} if error else {}
             self.events.publish(job_id, status, **details)
 
-    def _note(self, write, job_id: str, *args) -> None:
-        """Keep a running job's progress or warning where the database has room. A full disk does not stop the job:
-        its events still reach the streams, and its result waits for room (`_record`)."""
+    def _best_effort(self, operation, job_id: str, *args):
+        """Read or note a running job's state where the database allows. A full or failing disk does not stop the
+        job: its events still reach the streams, and its result waits for the database (`_record`). None if it
+        failed."""
         try:
-            write(job_id, *args)
-        except WriteError as exc:
+            return operation(job_id, *args)
+        except DATABASE_FAILURES as exc:
             if self._unsaved_progress != job_id:  # once per job, not once per step
                 self._unsaved_progress = job_id
                 log.warning("job %s goes on without saving its progress: %s", job_id, exc)
+            return None
 
-    def _record(self, write, job_id: str, *args) -> bool:
-        """Write a job's new state, waiting for room while the database is full, so that a finished job's result is
-        never dropped. False if the server stops first: the restarted server then runs the job again."""
+    def _record(self, write, job_id: str, *args) -> Optional[bool]:
+        """Write a job's new state, waiting while the database cannot take it (a full or failing disk), so that a
+        finished job's result is never dropped. Returns what `write` returns (`finish`: whether the job was there), or
+        None if the server stops first: the restarted server then finds the job in progress and runs it again."""
         waiting = False
         while True:
             try:
-                write(job_id, *args)
-                return True
-            except WriteError as exc:
-                if self._stopping.is_set():  # the restarted server finds the job in progress and runs it again
+                return write(job_id, *args)
+            except DATABASE_FAILURES as exc:
+                if self._stopping.is_set():
                     log.warning("job %s: %s", job_id, exc)
-                    return False
+                    return None
                 if not waiting:
                     waiting = True
-                    log.warning("job %s waits for room to record its result: %s", job_id, exc)
-                    self.events.publish(job_id, "warning", message="the server's disk is full: this job's result "
-                                                                   "is recorded once there is room")
+                    log.warning("job %s waits for the job database to record its result: %s", job_id, exc)
+                    self.events.publish(job_id, "warning", message=_waiting_for_the_database(exc))
             if self._stopping.wait(DATABASE_RETRY_SECONDS):
-                return False
+                return None
 
     def _write_outputs(self, job_id: str, videos) -> None:
         """All files into a hidden folder, renamed into place at once: a job's files are all there or none are. A
@@ -238,3 +242,9 @@ class Worker:
             if reason is None:
                 raise
             raise WriteError(f"could not write this job's videos: {reason}", reason) from exc
+
+
+def _waiting_for_the_database(failure: Exception) -> str:
+    if isinstance(failure, WriteError):
+        return "the server's disk is full: this job's result is recorded once there is room"
+    return f"the server's job database failed ({failure}): this job's result is recorded once it works again"
