@@ -634,13 +634,19 @@ FAILING_DISK = "disk I/O error"
 
 class FailingStore(server_module.JobStore):
     """A job store whose disk can fill up (every write then fails as SQLite fails on a full disk, reads go on) or fail
-    (every statement fails as on a disk giving I/O errors)."""
+    (every statement fails as on a disk giving I/O errors), now or from the next job's first denoising step."""
     instances: list = []
     failure = None  # None, FULL_DISK or FAILING_DISK
+    failure_from_next_step = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.instances.append(self)
+
+    def set_progress(self, job_id: str, progress: float, phase: str) -> None:
+        if phase == "denoise" and self.failure_from_next_step:
+            self.failure, self.failure_from_next_step = self.failure_from_next_step, None
+        super().set_progress(job_id, progress, phase)
 
     @contextlib.contextmanager
     def _database(self):
@@ -671,13 +677,12 @@ def failing_stores(monkeypatch) -> list:
 
 
 @contextlib.contextmanager
-def events_from_a_failing_disk(client, store: FailingStore, job_id: str, failure: str):
-    """The job's events from its first denoising step on, with the store's disk full or failing from that step."""
-    with client.stream("GET", f"/v1/videos/{job_id}/events") as response:
-        events = read_events(response, timeout=60)
-        next(event for event in events if event["event"] == "step")
-        store.failure = failure
-        yield events
+def events_of_a_job_on_a_failing_disk(client, store: FailingStore, failure: str):
+    """A job submitted, the store's disk full or failing from its first denoising step, and its events."""
+    store.failure_from_next_step = failure
+    job = submit(client, **FAST)
+    with client.stream("GET", f"/v1/videos/{job['id']}/events") as response:
+        yield job, read_events(response, timeout=60)
 
 
 @pytest.mark.parametrize("failure", [FULL_DISK, FAILING_DISK])
@@ -686,10 +691,8 @@ def test_a_job_that_finishes_on_a_full_or_failing_disk_keeps_its_result_until_th
     with LiveServer(create_app(ServerSettings(data_dir=tmp_path), pipeline=shipped_pipeline)) as live, \
             httpx.Client(base_url=live.url, timeout=60) as client:
         [store] = failing_stores
-        running = submit(client, frames=8, steps=40)
-        queued = submit(client, **FAST)
-        # From its first step the job's progress cannot be saved, nor its result, nor the next claim.
-        with events_from_a_failing_disk(client, store, running["id"], failure) as events:
+        # From its first step the job's progress cannot be saved, nor its result.
+        with events_of_a_job_on_a_failing_disk(client, store, failure) as (running, events):
             warning = next(event for event in events if event["event"] == "warning")
             health = client.get("/healthz").json()
             if failure == FULL_DISK:
@@ -712,7 +715,7 @@ def test_a_job_that_finishes_on_a_full_or_failing_disk_keeps_its_result_until_th
         assert client.get("/healthz").json()["status"] == "ok"
         frames = _decode_mp4(client.get(f"/v1/videos/{running['id']}/content").content)
         assert frames.shape == (8, 64, 64, 3)
-        assert wait_for(client, queued["id"])["status"] == "completed"
+        assert wait_for(client, submit(client, **FAST)["id"])["status"] == "completed"
 
 
 def test_a_result_waiting_for_room_when_the_server_stops_is_made_again_after_the_restart(shipped_pipeline, tmp_path,
@@ -720,8 +723,7 @@ def test_a_result_waiting_for_room_when_the_server_stops_is_made_again_after_the
     with LiveServer(create_app(ServerSettings(data_dir=tmp_path), pipeline=shipped_pipeline)) as live, \
             httpx.Client(base_url=live.url, timeout=60) as client:
         [store] = failing_stores
-        job = submit(client, frames=8, steps=40)
-        with events_from_a_failing_disk(client, store, job["id"], FULL_DISK) as events:
+        with events_of_a_job_on_a_failing_disk(client, store, FULL_DISK) as (job, events):
             next(event for event in events if event["event"] == "warning")
     # Stopped while the result waited for room; the disk has room again when the server comes back.
     with LiveServer(create_app(ServerSettings(data_dir=tmp_path), pipeline=shipped_pipeline)) as live, \
