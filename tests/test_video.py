@@ -12,7 +12,7 @@ import av
 import numpy as np
 import pytest
 
-from vidsynth import OutputError, Video, read_frames, read_settings
+from vidsynth import OutputError, Video, Videos, read_frames, read_settings
 from vidsynth.video import write_video
 
 SETTINGS = {"prompt": "a test pattern", "seed": 42, "steps": 3, "fps": 8, "vidsynth_version": "test"}
@@ -191,3 +191,19 @@ def test_a_notebook_shows_several_videos_side_by_side(tiny_pipeline):
     assert isinstance(videos, list) and len(videos) == 4 and html.count("<video") == 4
     assert html.count("a blue &lt;square&gt; (seed 4)") == 1  # each caption, escaped, with its own seed
 
+
+
+def test_several_videos_save_to_numbered_files_or_none_at_all(tmp_path):
+    videos = Videos(Video(pattern(3 + index), settings={**SETTINGS, "seed": index}) for index in range(3))
+    paths = videos.save(tmp_path / "clip.mp4")
+    assert paths == [tmp_path / f"clip-{index}.mp4" for index in (1, 2, 3)]
+    for index, path in enumerate(paths):
+        frames, _ = read_frames(path)
+        assert len(frames) == 3 + index and read_settings(path)["seed"] == index
+    assert Videos(videos[:1]).save(tmp_path / "one.gif") == [tmp_path / "one.gif"]
+
+    (tmp_path / "taken-2").mkdir()
+    (tmp_path / "taken-2" / "0000.png").write_bytes(b"")
+    with pytest.raises(OutputError, match="taken-2 already exists"):
+        videos.save(tmp_path / "taken")  # folders of PNGs: the second is taken, so the first is not written either
+    assert not (tmp_path / "taken-1").exists()

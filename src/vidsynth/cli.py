@@ -297,12 +297,11 @@ def request_from_args(args) -> tuple[GenerationRequest, str | None]:
 
 
 def output_paths(output: str | None, videos) -> list[Path]:
+    from .video import numbered_paths
+
     if output is None:
         return [Path(f"{_slug(v.settings['prompt'])}-{v.seed}.mp4") for v in videos]
-    path = Path(output)
-    if len(videos) == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}-{index + 1}{path.suffix}") for index in range(len(videos))]
+    return numbered_paths(output, len(videos))
 
 
 def _slug(text: str) -> str:

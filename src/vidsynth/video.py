@@ -66,6 +66,14 @@ class Video:
 class Videos(list):
     """The videos of one request, in order; a notebook shows them side by side."""
 
+    def save(self, path: PathLike) -> list[Path]:
+        """Every video: to `path` if there is one, else to NAME-1.EXT, NAME-2.EXT... Every path is checked before
+        any video is written."""
+        paths = numbered_paths(path, len(self))
+        for target in paths:
+            check_output_path(target)
+        return [video.save(target) for video, target in zip(self, paths)]
+
     def _repr_html_(self) -> str:
         return ('<div style="display:flex;flex-wrap:wrap;gap:12px">' + "".join(video._repr_html_() for video in self)
                 + "</div>")
@@ -73,6 +81,14 @@ class Videos(list):
 
 def _html_escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def numbered_paths(path: PathLike, count: int) -> list[Path]:
+    """Where `count` videos asked to go to `path` are written: `path` for one; NAME-1.EXT, NAME-2.EXT... for more."""
+    path = Path(path)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{index + 1}{path.suffix}") for index in range(count)]
 
 
 def output_kind(path: PathLike) -> str:
