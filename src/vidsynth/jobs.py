@@ -108,7 +108,7 @@ class JobChanges:
                 pass
 
 
-def _is_full(error: sqlite3.OperationalError) -> bool:
+def _is_full(error: sqlite3.DatabaseError) -> bool:
     """Whether SQLite failed for want of space (SQLITE_FULL: the disk, or the database's page limit)."""
     code = getattr(error, "sqlite_errorcode", None)  # Python 3.11+
     return code == sqlite3.SQLITE_FULL if code is not None else "database or disk is full" in str(error)
@@ -156,7 +156,7 @@ class JobStore:
             changes = self._db.total_changes
             try:
                 yield self._db
-            except sqlite3.OperationalError as exc:
+            except sqlite3.DatabaseError as exc:
                 if not _is_full(exc):
                     self.health = "database_error"
                     raise

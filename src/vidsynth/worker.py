@@ -201,7 +201,7 @@ class Worker:
         except DATABASE_FAILURES as exc:
             if self._unsaved_progress != job_id:  # once per job, not once per step
                 self._unsaved_progress = job_id
-                log.warning("job %s goes on without saving its progress: %s", job_id, exc)
+                log.warning("job %s goes on without the job database, its progress unsaved: %s", job_id, exc)
             return None
 
     def _record(self, write, job_id: str, *args) -> Optional[bool]:
