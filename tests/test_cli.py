@@ -112,6 +112,18 @@ def test_generate_info_and_replay(tiny_model_dir, tmp_path, monkeypatch):
     assert not np.array_equal(np.load(tmp_path / "first.npy"), np.load(tmp_path / "other.npy"))
 
 
+def test_a_replay_in_another_precision_says_its_video_will_differ(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "a red circle", "--model", str(tiny_model_dir), *SMALL, "-o", "first.npy"]) == 0
+    assert main(["generate", "--from", "first.json", "-o", "same.npy"]) == 0
+    assert "note" not in capsys.readouterr().err
+    made_in = json.loads((tmp_path / "first.json").read_text())["dtype"]  # float32, or bfloat16 on a CPU with it
+    other = "bfloat16" if made_in == "float32" else "float32"
+    assert main(["generate", "--from", "first.json", "--dtype", other, "-o", "other.npy"]) == 0
+    assert (f"note: first.json was made in {made_in} and this runs in {other}: the video will be close to it, not "
+            f"the same (--dtype {made_in} to match)") in capsys.readouterr().err
+
+
 def test_help_gives_each_settings_meaning_default_and_range_from_the_request():
     """A generation option's help is its GenerationRequest field's description, default and bounds, written once."""
     parser = build_parser()

@@ -323,6 +323,8 @@ def run_generate(args) -> int:
     _before_loading(model, args)
     from .pipeline import load
     pipeline = load(model, **_runtime(args))
+    if args.replay:
+        _say_if_the_dtype_differs(args.replay, pipeline)
     if args.compile:
         _status("the first step compiles the UNet for this video's size: minutes the first time, less in later runs",
                 args)
@@ -336,6 +338,17 @@ def run_generate(args) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     return 0
+
+
+def _say_if_the_dtype_differs(replayed: str, pipeline) -> None:
+    """Another precision gives a close video, not the same one: say so, since --from promises the same."""
+    from .devices import dtype_name
+    from .video import read_settings
+
+    recorded, running = read_settings(replayed).get("dtype"), dtype_name(pipeline.dtype)
+    if recorded and recorded != running:
+        print(f"vidsynth: note: {replayed} was made in {recorded} and this runs in {running}: the video will be "
+              f"close to it, not the same (--dtype {recorded} to match)", file=sys.stderr)
 
 
 def _status(message: str, args) -> None:
