@@ -147,8 +147,12 @@ def test_event_streams_follow_a_queued_job_without_waiting_on_a_timer(client, mo
                 received.extend((event, time.time()) for event in read_events(response))
 
     def wait_for_event(name: str) -> None:
-        deadline = time.monotonic() + 10  # a wake-up takes milliseconds; a missed one, the minute
+        """Until `name` arrives, each event within 10 s of the one before: a wake-up takes milliseconds, a missed one
+        the minute (a slow machine's steps take longer, not that long)."""
+        deadline, seen = time.monotonic() + 10, len(received)
         while not any(event["event"] == name for event, _ in received):
+            if len(received) > seen:
+                deadline, seen = time.monotonic() + 10, len(received)
             assert time.monotonic() < deadline, f"no {name!r} event after {[e['event'] for e, _ in received]}"
             time.sleep(0.02)
 
