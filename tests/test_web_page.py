@@ -182,6 +182,49 @@ def test_make_watch_download_cancel_and_history(browser, site, artifacts, tmp_pa
     page.close()
 
 
+def test_a_job_of_several_videos_shows_each_and_starts_from_any_of_them(browser, site, artifacts, tmp_path):
+    page = browser.new_page(viewport={"width": 390, "height": 844}, accept_downloads=True)
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(site.url)
+    page.wait_for_function("document.querySelector('#scheduler').options.length > 0")
+    page.fill("#prompt", "a green square moving up on a white background")
+    page.click("summary")
+    for field, value in {"num_videos": "3", "seed": "7", "frames": "8", "steps": "3"}.items():
+        page.fill(f"#{field}", value)
+    job = submit_and_play(page, site, "")
+    assert job["outputs"] == 3 and job["request"]["num_videos"] == 3
+    buttons = page.locator("#outputs button")
+    assert buttons.count() == 3 and buttons.nth(0).get_attribute("aria-pressed") == "true"
+    assert page.text_content("#job-prompt") == "a green square moving up on a white background (seed 7)"
+
+    buttons.nth(2).click()
+    assert page.text_content("#job-prompt") == "a green square moving up on a white background (seed 9)"
+    assert buttons.nth(2).get_attribute("aria-pressed") == "true"
+    assert buttons.nth(0).get_attribute("aria-pressed") == "false"
+    page.wait_for_function("document.querySelector('#player').readyState >= 2", timeout=30_000)
+    page.screenshot(path=str(artifacts / "web-page-several-videos.png"), full_page=True)
+    with page.expect_download() as download:
+        page.click("#download")
+    assert download.value.suggested_filename == f"{job['id']}-2.mp4"  # the server's name: the API's index
+    download.value.save_as(tmp_path / "third.mp4")
+    served = [httpx.get(f"{site.url}/v1/videos/{job['id']}/content", params={"index": index}).content
+              for index in (0, 2)]
+    assert (tmp_path / "third.mp4").read_bytes() == served[1] != served[0]
+    assert read_frames(tmp_path / "third.mp4")[0].shape == (8, 64, 64, 3)
+
+    # The next video starts from the one shown, by the API's name for a job's other videos.
+    page.click("#start-from-this")
+    assert page.input_value("#init_video") == f"{job['id']}/2" and "(seed 9)" in page.text_content("#start-video")
+    page.fill("#num_videos", "")
+    page.fill("#strength", "0.5")
+    restyled = submit_and_play(page, site, job["id"])
+    assert restyled["request"]["init_video"] == f"{job['id']}/2" and restyled["status"] == "completed"
+    assert restyled["outputs"] == 1 and page.is_hidden("#outputs")
+    assert errors == []
+    page.close()
+
+
 def test_the_page_says_while_a_compiled_server_compiles_for_its_first_video(browser, held_compile, artifacts,
                                                                               tmp_path):
     with LiveServer(create_app(ServerSettings(data_dir=tmp_path), pipeline=held_compile.pipeline)) as live:

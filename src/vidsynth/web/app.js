@@ -2,10 +2,11 @@
 "use strict";
 
 const FIELDS = ["prompt", "negative_prompt", "preset", "seed", "frames", "width", "height", "steps", "guidance",
-                "scheduler", "init_video", "strength"];
-const NUMBERS = new Set(["seed", "frames", "width", "height", "steps", "guidance", "strength"]);
+                "scheduler", "num_videos", "init_video", "strength"];
+const NUMBERS = new Set(["seed", "frames", "width", "height", "steps", "guidance", "num_videos", "strength"]);
 const $ = (id) => document.getElementById(id);
 let current = null; // the job shown in the job panel
+let shown = 0; // which of its videos
 let stream = null; // its EventSource
 
 async function api(path, options = {}) {
@@ -134,13 +135,15 @@ function show(job) {
   if (stream) stream.close();
   const request = job.request;
   $("job").hidden = false;
-  $("job-prompt").textContent = `${[].concat(request.prompt)[0]} (seed ${request.seed})`;
+  shown = 0;
+  $("job-prompt").textContent = caption(job, 0);
   $("job-status").textContent = describe(job);
   $("progress").value = job.progress;
   $("phase").textContent = "";
   showWarnings(job.warnings);
   $("player").hidden = true;
   $("player").removeAttribute("src");
+  $("outputs").hidden = true;
   $("download").hidden = true;
   $("download-gif").hidden = true;
   $("reuse").hidden = false;
@@ -205,22 +208,39 @@ function follow(id) {
   }
 }
 
-const content = (id, variant) => `/v1/videos/${id}/content?variant=${variant}`;
+const content = (id, variant, index = 0) => `/v1/videos/${id}/content?variant=${variant}&index=${index}`;
 
-function play(job) {
-  const url = content(job.id, "video");
+// Video `index` of a job: prompt after prompt, `num_videos` of each, the seed counting up from the request's.
+function caption(job, index) {
+  const prompts = [].concat(job.request.prompt);
+  return `${prompts[Math.floor(index / job.request.num_videos)]} (seed ${job.request.seed + index})`;
+}
+
+// A finished job's video `index`, with a button for each of its videos when it made several.
+function play(job, index = 0) {
+  shown = index;
+  const url = content(job.id, "video", index);
+  $("job-prompt").textContent = caption(job, index);
   $("progress").value = 100;
   $("player").src = url;
   $("player").hidden = false;
   $("player").play().catch(() => {}); // autoplay may be refused; the controls are there
   $("download").href = url;
-  $("download").download = `${job.id}.mp4`;
   $("download").hidden = false;
-  $("download-gif").href = content(job.id, "gif");
-  $("download-gif").download = `${job.id}.gif`;
+  $("download-gif").href = content(job.id, "gif", index);
   $("download-gif").hidden = false;
   $("start-from-this").hidden = false;
   $("cancel").hidden = true;
+  const buttons = Array.from({ length: job.outputs }, (_, other) => {
+    const button = Object.assign(document.createElement("button"), { type: "button", className: "secondary",
+                                                                     textContent: `${other + 1}` });
+    button.title = caption(job, other);
+    button.setAttribute("aria-pressed", String(other === index));
+    button.addEventListener("click", () => play(job, other));
+    return button;
+  });
+  $("outputs").replaceChildren(...buttons);
+  $("outputs").hidden = job.outputs < 2;
 }
 
 async function cancel() {
@@ -256,7 +276,8 @@ async function refreshHistory() {
     title.textContent = [].concat(job.request.prompt)[0];
     const details = document.createElement("div");
     details.className = "muted";
-    details.textContent = `seed ${job.request.seed} · ${describe(job)}`;
+    const count = job.outputs > 1 ? ` · ${job.outputs} videos` : "";
+    details.textContent = `seed ${job.request.seed}${count} · ${describe(job)}`;
     text.append(title, details);
     text.addEventListener("click", () => show(job));
     const reuse = document.createElement("button");
@@ -281,7 +302,8 @@ async function start() {
   $("cancel").addEventListener("click", cancel);
   $("reuse").addEventListener("click", () => current && fillForm(current.request));
   $("start-from-this").addEventListener("click", () => {
-    startFrom(current.id, `"${[].concat(current.request.prompt)[0]}", seed ${current.request.seed} (${current.id})`);
+    const reference = shown ? `${current.id}/${shown}` : current.id; // the API's name for a job's other videos
+    startFrom(reference, `${caption(current, shown)} (${reference})`);
     window.scrollTo({ top: 0, behavior: "smooth" });
     $("prompt").focus();
   });
