@@ -133,7 +133,6 @@ function show(job) {
   current = job;
   history.replaceState(null, "", `#${job.id}`); // the address of this job's view, to come back to or pass on
   if (stream) stream.close();
-  const request = job.request;
   $("job").hidden = false;
   shown = 0;
   $("job-prompt").textContent = caption(job, 0);
@@ -213,7 +212,7 @@ const content = (id, variant, index = 0) => `/v1/videos/${id}/content?variant=${
 // Video `index` of a job: prompt after prompt, `num_videos` of each, the seed counting up from the request's.
 function caption(job, index) {
   const prompts = [].concat(job.request.prompt);
-  return `${prompts[Math.floor(index / job.request.num_videos)]} (seed ${job.request.seed + index})`;
+  return `${prompts[Math.floor(index / (job.request.num_videos || 1))]} (seed ${job.request.seed + index})`;
 }
 
 // A finished job's video `index`, with a button for each of its videos when it made several.
