@@ -192,7 +192,6 @@ def test_a_notebook_shows_several_videos_side_by_side(tiny_pipeline):
     assert html.count("a blue &lt;square&gt; (seed 4)") == 1  # each caption, escaped, with its own seed
 
 
-
 def test_several_videos_save_to_numbered_files_or_none_at_all(tmp_path):
     videos = Videos(Video(pattern(3 + index), settings={**SETTINGS, "seed": index}) for index in range(3))
     paths = videos.save(tmp_path / "clip.mp4")
