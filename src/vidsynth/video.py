@@ -143,10 +143,11 @@ def write_video(path: PathLike, frames: np.ndarray, fps: int, settings: dict, *,
                            duration=round(1000 / fps), loop=0, comment=comment)
         else:
             # Through a buffer: numpy writes a real file with C's fwrite, whose failure gives no reason ("N requested
-            # and M written"), where Python's write says "No space left on device".
+            # and M written"), where Python's write says "No space left on device". Its bytes copied out, not lent as a
+            # view: a failed write's traceback would hold the view, and Python 3.12.1 crashed collecting the buffer.
             buffer = io.BytesIO()
             np.save(buffer, frames)
-            Path(temporary).write_bytes(buffer.getbuffer())
+            Path(temporary).write_bytes(buffer.getvalue())
         if sidecar:
             sidecar_temporary = files.enter_context(atomic_file(sidecar_path(path)))
             Path(sidecar_temporary).write_text(json.dumps(settings, indent=2) + "\n")
