@@ -67,7 +67,8 @@ def test_running_out_of_memory_exits_1_saying_what_to_change_and_writes_nothing(
 
     monkeypatch.setattr(Pipeline, "denoise", denoise)
     monkeypatch.chdir(tmp_path)
-    assert main(["generate", "a red circle", "--model", str(tiny_model_dir), *SMALL, "-o", "video.mp4"]) == 1
+    assert main(["generate", "a red circle", "--model", str(tiny_model_dir), *SMALL, "--dtype", "float32",
+                 "-o", "video.mp4"]) == 1
     assert "out of memory making the video (cpu, float32); try --forward-chunking" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
