@@ -44,6 +44,7 @@ VARIANTS = {
     "+ cudnn.benchmark": Variant(cudnn_benchmark=True),
     "+ temporal convolutions as 2-D": Variant(temporal_2d=True),
     "+ channels-last convolution weights": Variant(channels_last=True),
+    "+ channels-last + temporal 2-D": Variant(channels_last=True, temporal_2d=True),
     "+ CUDA graph (vidsynth's default on CUDA)": Variant(graph=True),
     "+ CUDA graph + temporal 2-D": Variant(graph=True, temporal_2d=True),
     "+ CUDA graph + channels-last convolution weights": Variant(graph=True, channels_last=True),
