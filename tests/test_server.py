@@ -626,8 +626,11 @@ def test_a_full_job_database_answers_507_and_the_server_goes_on_once_there_is_ro
         assert full.json()["error"]["message"] == ("the server could not store what this request needs: database or "
                                                    "disk is full")
         assert str(tmp_path) not in full.text
+        # A write in place, as a job's progress, can succeed while the database cannot grow: still full.
+        store._query("UPDATE jobs SET progress = progress")
         assert client.get("/healthz").json()["status"] == "disk_full"
         store._query("PRAGMA max_page_count = 1000000")
+        assert client.get("/healthz").json()["status"] == "ok"  # without waiting for the next job
         assert wait_for(client, submit(client, **FAST)["id"])["status"] == "completed"
         assert client.get("/healthz").json()["status"] == "ok"
 
@@ -653,8 +656,8 @@ class FailingStore(server_module.JobStore):
         super().set_progress(job_id, progress, phase)
 
     @contextlib.contextmanager
-    def _database(self):
-        with super()._database() as database:
+    def _database(self, grows: bool = False):
+        with super()._database(grows) as database:
             yield _FailingDisk(database, self.failure) if self.failure else database
 
 

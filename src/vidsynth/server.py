@@ -238,7 +238,7 @@ def create_app(settings: ServerSettings, pipeline=None) -> FastAPI:
             queued = store.queued_count()
         except sqlite3.Error:  # a failing disk: the status says so
             queued = None
-        return {"status": store.health, "version": __version__, "model": pipeline.name,
+        return {"status": store.check_room(), "version": __version__, "model": pipeline.name,
                 "device": str(pipeline.device), "dtype": dtype_name(pipeline.dtype), "queued": queued,
                 "running": state["worker"].current, "ready": not state["worker"].warming_up}
 
