@@ -1,8 +1,8 @@
 """Where one guided UNet step spends its time: vidsynth's pipeline, profiled for one DDIM step.
 
 Runs the pipeline (warm-up first) on the full-size ms-1.7b configuration with random weights, or any --model, and
-profiles the UNet's forward passes only (hooks start and stop the profiler). Prints the time per kind of operator
-and the top operators.
+profiles the UNet's forward passes only (hooks start and stop the profiler). Prints the time per kind of operator,
+the attention calls by shape with the rate each achieved, and the top operators.
 
     python benchmarks/profile_unet.py --frames 8 --height 128 --width 128
     python benchmarks/profile_unet.py --device cuda --dtype float16
@@ -50,7 +50,8 @@ def main() -> None:
     pipeline("profile", **settings)  # warm-up
 
     cuda = device.type == "cuda"
-    profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    profiler = profile(activities=activities, record_shapes=True)
     unet = pipeline.components.unet
 
     def stop(*_) -> None:  # a forward hook that returned something would replace the UNet's output
@@ -76,7 +77,22 @@ def main() -> None:
     for kind, seconds in sorted(by_kind.items(), key=lambda item: -item[1]):
         print(f"| {kind} | {seconds:.3f} | {seconds / total:.1%} |")
     print()
+    attention_by_shape(profiler, cuda)
     print(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=15))
+
+
+def attention_by_shape(profiler, cuda: bool) -> None:
+    """The scaled-dot-product attention calls grouped by shape, with their time and achieved rate (4 x batch x heads x
+    queries x keys x head size FLOP a call): the UNet's attention runs at very different rates by sequence length."""
+    calls = [event for event in profiler.key_averages(group_by_input_shape=True)
+             if event.key == "aten::scaled_dot_product_attention"]
+    seconds = (lambda e: e.device_time_total / 1e6) if cuda else (lambda e: e.cpu_time_total / 1e6)
+    print("| queries (batch, heads, tokens, head size) | keys | calls | seconds | GFLOP/s |\n|---|---|---|---|---|")
+    for event in sorted(calls, key=seconds, reverse=True):
+        (batch, heads, queries, head_size), keys = event.input_shapes[0], event.input_shapes[1][2]
+        rate = 4 * batch * heads * queries * keys * head_size * event.count / seconds(event) / 1e9
+        print(f"| {tuple(event.input_shapes[0])} | {keys} | {event.count} | {seconds(event):.3f} | {rate:.0f} |")
+    print(f"\nattention in all: {sum(seconds(event) for event in calls):.3f} s\n")
 
 
 if __name__ == "__main__":

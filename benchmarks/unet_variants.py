@@ -8,6 +8,8 @@ channels-last convolution weights.
     python benchmarks/unet_variants.py --compiled --only compiled  # only the compiled variants (and the reference)
     python benchmarks/unet_variants.py --compiled --only "frozen"  # one compiled variant (about two minutes)
     python benchmarks/unet_variants.py --device cpu --dtype float32 --frames 2 --size 8 --repeats 1
+    python benchmarks/unet_variants.py --device cpu --dtype bfloat16 --compiled --only compiled --skip 3-D \
+        --skip cudnn --skip frozen --skip coordinate --repeats 3  # on the CPU: the compiled path, and max-autotune
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class Variant:
     temporal_2d: bool = False  # temporal convolutions as 2-D ones
     graph: bool = False  # replayed from a CUDA graph of the eager kernels
     channels_last: bool = False  # convolution weights channels-last
-    compiled: bool = False  # torch.compile, reduce-overhead: inductor's kernels replayed from CUDA graphs
+    compiled: bool = False  # torch.compile as the pipeline compiles: on CUDA replayed from CUDA graphs, else frozen
     autotune: bool = False  # compiled with max-autotune: inductor times its own kernels against the vendor ones
     inductor: tuple = ()  # (name, value) pairs of inductor's config, set while it compiles
 
@@ -51,10 +53,10 @@ VARIANTS = {
     "+ CUDA graph + channels-last + temporal 2-D": Variant(graph=True, channels_last=True, temporal_2d=True),
     "diffusers' attention processors + CUDA graph": Variant(per_video_text=False, graph=True),
     "compiled, 3-D temporal convolutions": Variant(compiled=True),
-    "compiled + temporal 2-D (vidsynth's --compile on CUDA)": Variant(compiled=True, temporal_2d=True),
+    "compiled + temporal 2-D (vidsynth's --compile)": Variant(compiled=True, temporal_2d=True),
     "compiled + temporal 2-D + cudnn.benchmark": Variant(compiled=True, temporal_2d=True, cudnn_benchmark=True),
     "compiled with max-autotune + temporal 2-D": Variant(compiled=True, temporal_2d=True, autotune=True),
-    # Weights folded into the graph as constants, laid out once for the kernels that read them (as on the CPU).
+    # Weights folded into the graph as constants, laid out once for the kernels that read them (on the CPU always).
     "compiled + temporal 2-D + frozen weights": Variant(compiled=True, temporal_2d=True,
                                                         inductor=(("freezing", True),)),
     # Inductor tunes its generated kernels' block sizes by timing neighbours (cheaper than max-autotune).
@@ -81,10 +83,11 @@ def channels_last_convolutions(unet: torch.nn.Module):
             module.weight.data = weight
 
 
-def compiled_forward(unet: torch.nn.Module, autotune: bool = False, inductor: tuple = ()):
-    """A fresh torch.compile of the UNet as the pipeline compiles it on CUDA (or with max-autotune, which also
-    replays CUDA graphs), with `inductor`'s config settings while it compiles. Prints whether inductor's heuristic
-    stores the activations channels-last (it does so only around 2-D convolutions), then the first call's time."""
+def compiled_forward(unet: torch.nn.Module, device: torch.device, autotune: bool = False, inductor: tuple = ()):
+    """A fresh torch.compile of the UNet as the pipeline compiles it on `device` (or with max-autotune, which on
+    CUDA also replays CUDA graphs, and on the CPU also freezes the weights), with `inductor`'s config settings while
+    it compiles. Prints whether inductor's heuristic stores the activations channels-last (it does so only around
+    2-D convolutions), then the first call's time."""
     from torch._dynamo import reset
     from torch._inductor import config as inductor_config
     from torch._inductor.graph import GraphLowering
@@ -93,8 +96,10 @@ def compiled_forward(unet: torch.nn.Module, autotune: bool = False, inductor: tu
     from vidsynth.pipeline import compile_unet
 
     reset()
-    compiled = (torch.compile(unet, mode="max-autotune", dynamic=False) if autotune
-                else compile_unet(unet, torch.device("cuda")))
+    cuda = device.type == "cuda"
+    if autotune and not cuda:
+        inductor = inductor + (("freezing", True),)  # as compile_unet freezes on the CPU
+    compiled = (torch.compile(unet, mode="max-autotune", dynamic=False) if autotune else compile_unet(unet, device))
     forward = noise_prediction(compiled)
     decide = GraphLowering.decide_layout_opt
 
@@ -106,7 +111,8 @@ def compiled_forward(unet: torch.nn.Module, autotune: bool = False, inductor: tu
     first = [True]
 
     def step(*inputs):
-        torch.compiler.cudagraph_mark_step_begin()
+        if cuda:
+            torch.compiler.cudagraph_mark_step_begin()
         if not first[0]:
             return forward(*inputs)
         first[0] = False
@@ -117,7 +123,8 @@ def compiled_forward(unet: torch.nn.Module, autotune: bool = False, inductor: tu
                 out = forward(*inputs)
         finally:
             GraphLowering.decide_layout_opt = staticmethod(decide)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         print(f"  first call (compiling): {time.perf_counter() - started:.0f} s", flush=True)
         return out
     return step
@@ -130,7 +137,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=32, help="latent height and width")
     parser.add_argument("--repeats", type=int, default=20, help="timed forwards per variant, after 3 warm-ups")
-    parser.add_argument("--compiled", action="store_true", help="also the torch.compile variants (CUDA only)")
+    parser.add_argument("--compiled", action="store_true", help="also the torch.compile variants (minutes each)")
     parser.add_argument("--skip", action="append", default=[], help="leave out variants whose names contain this "
                         "(repeatable); the first variant always runs, as the reference")
     parser.add_argument("--only", help="run only the variants whose names contain this (and the first)")
@@ -149,7 +156,7 @@ def main() -> None:
               torch.tensor(501, device=device), torch.randn(2, 77, 1024, generator=generator).to(device, dtype))
     plain = noise_prediction(unet)
     names = list(VARIANTS)
-    chosen = [name for name in names if (args.compiled and cuda) or not VARIANTS[name].compiled]
+    chosen = [name for name in names if args.compiled or not VARIANTS[name].compiled]
     chosen = [name for name in chosen if name == names[0] or not any(part in name for part in args.skip)
               and (args.only is None or args.only in name)]
 
@@ -186,7 +193,7 @@ def main() -> None:
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
                 if variant.compiled:
-                    forward = compiled_forward(unet, variant.autotune, variant.inductor)
+                    forward = compiled_forward(unet, device, variant.autotune, variant.inductor)
                 else:
                     forward = CudaGraphedForward(plain) if variant.graph else plain
                 ms, out = timed(forward)
