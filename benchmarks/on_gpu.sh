@@ -3,7 +3,8 @@
 # the CUDA paths' tests, then vidsynth against diffusers at the default video (ms-1.7b configuration, random
 # weights, float16) as it runs by default and with --compile, the compiled one twice (the second process finds the
 # first one's kernels in inductor's cache, and decodes all 16 frames at once, as diffusers does, rather than 8 at a
-# time). About seven minutes on an H200 host. Writes everything under OUT.
+# time), then how long writing the file takes on that host's CPU (part of the time end to end). About seven minutes
+# on an H200 host. Writes everything under OUT.
 #
 #     bash benchmarks/on_gpu.sh [OUT]          # default OUT: gpu-results
 set -euo pipefail
@@ -19,3 +20,4 @@ side_by_side() {
 side_by_side default
 side_by_side compiled --compile
 side_by_side compiled-again --compile --decode-chunk 16
+python benchmarks/writing.py --runs 5 2>&1 | tee "$out/writing.md"
