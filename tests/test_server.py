@@ -656,8 +656,8 @@ class FailingStore(server_module.JobStore):
         super().set_progress(job_id, progress, phase)
 
     @contextlib.contextmanager
-    def _database(self, grows: bool = False):
-        with super()._database(grows) as database:
+    def _database(self):
+        with super()._database() as database:
             yield _FailingDisk(database, self.failure) if self.failure else database
 
 

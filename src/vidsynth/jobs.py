@@ -132,9 +132,8 @@ class JobStore:
         # writes are serial anyway, and every statement here is short.
         path = self.data_dir / "jobs.sqlite3"
         self._lock = threading.Lock()
-        # "disk_full" from a write refused for want of room until the database grows again (a job stored, or
-        # `check_room`); "database_error" from any other failure of the database (a failing disk) until a statement
-        # succeeds; else "ok".
+        # "disk_full" from a write refused for want of room until `check_room` finds room; "database_error" from any
+        # other failure of the database (a failing disk) until a statement succeeds; else "ok".
         self.health = "ok"
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -152,12 +151,9 @@ class JobStore:
             self._db.close()
 
     @contextlib.contextmanager
-    def _database(self, grows: bool = False):
-        """The connection, for one thread at a time. A database that cannot grow (a full disk) raises WriteError.
-        `grows`: the statements store new rows, so that their success shows there is room again; a write that only
-        changes rows in place (a job's progress) can succeed while the database cannot grow."""
+    def _database(self):
+        """The connection, for one thread at a time. A database that cannot grow (a full disk) raises WriteError."""
         with self._lock:
-            changes = self._db.total_changes
             try:
                 yield self._db
             except sqlite3.DatabaseError as exc:
@@ -166,17 +162,18 @@ class JobStore:
                     raise
                 self.health = "disk_full"
                 raise WriteError(f"could not write the job database: {exc}", str(exc)) from exc
-            if self.health == "database_error" or grows and self._db.total_changes != changes:
+            if self.health == "database_error":
                 self.health = "ok"
 
     def check_room(self) -> str:
-        """The health, once more checked if the database had no room: a row of a page's size is stored and deleted,
-        so the health clears as soon as the database can take new rows again, not only with the next job."""
+        """The health, once more checked if the database had no room: a row of a page's size is stored and deleted.
+        Any other write proves nothing: one in place (a job's progress) can succeed while the database cannot grow."""
         if self.health == "disk_full":
-            with contextlib.suppress(WriteError, sqlite3.DatabaseError), self._database(grows=True) as database:
+            with contextlib.suppress(WriteError, sqlite3.DatabaseError), self._database() as database:
                 page_size = database.execute("PRAGMA page_size").fetchone()[0]
                 database.execute("INSERT INTO room_probe (filler) VALUES (zeroblob(?))", (page_size,))
                 database.execute("DELETE FROM room_probe")
+                self.health = "ok"
         return self.health
 
     def _query(self, sql: str, parameters=()) -> list[sqlite3.Row]:
@@ -264,7 +261,7 @@ class JobStore:
         """
         digest = hashlib.sha256(json.dumps(submitted or request, sort_keys=True).encode()).hexdigest()
         job_id = f"video_{secrets.token_hex(12)}"
-        with self._database(grows=True) as database:
+        with self._database() as database:
             found = None
             if idempotency_key is not None:
                 found = database.execute("SELECT id, request_digest FROM jobs WHERE idempotency_key = ?",
