@@ -38,6 +38,8 @@ from machine import command_line, cpu_name  # noqa: E402
 UNET_TFLOP_16x32x32_BATCH2 = 9.77
 VAE_TFLOP_16_FRAMES_256 = 9.96
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+ROW_LABELS = {"denoise": "denoise, all steps (s)", "later_step": "a step after the first, median (s)",
+              "peak_gib": "peak memory (GiB)"}
 
 
 def random_fill(module: torch.nn.Module) -> torch.nn.Module:
@@ -89,14 +91,32 @@ class PhaseTimer:
     """Seconds spent encoding text and decoding frames during a run, from forward hooks (with a device sync on CUDA).
 
     The UNet carries no hooks (a compiled or CUDA-graphed UNet must not synchronise inside its step): denoising is
-    the rest of the run before encoding, the sampler's arithmetic included, for both pipelines alike.
+    the rest of the run before encoding, the sampler's arithmetic included, for both pipelines alike. On the CPU the
+    time between the ends of consecutive DDIM steps (both pipelines call `DDIMScheduler.step` once a step) is also
+    kept: the first step pays one-off costs (a fresh process's or a trimmed heap's memory faulted in), so the later
+    steps' median is what a 50-step video mostly costs. On CUDA that would need a sync a step, which changes the time.
     """
 
     def __init__(self, components, device: torch.device):
-        self.device, self.seconds, self.started = device, defaultdict(float), {}
+        self.device, self.seconds, self.started, self.step_ends = device, defaultdict(float), {}, []
         for phase, module in [("text", components.text_encoder), ("decode", components.vae.decoder)]:
             module.register_forward_pre_hook(lambda m, a, phase=phase: self._start(phase))
             module.register_forward_hook(lambda m, a, o, phase=phase: self._stop(phase))
+        if device.type == "cpu":
+            from diffusers import DDIMScheduler
+
+            step = DDIMScheduler.step
+
+            def timed_step(scheduler, *args, **kwargs):
+                output = step(scheduler, *args, **kwargs)
+                self.step_ends.append(time.perf_counter())
+                return output
+            DDIMScheduler.step = timed_step
+
+    def later_step_median(self) -> float | None:
+        """The median seconds of the run's steps after its first (None with fewer than 2 steps, or on CUDA)."""
+        gaps = [end - start for start, end in zip(self.step_ends, self.step_ends[1:])]
+        return statistics.median(gaps) if gaps else None
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -111,7 +131,7 @@ class PhaseTimer:
         self.seconds[phase] += time.perf_counter() - self.started[phase]
 
     def reset(self):
-        self.seconds = defaultdict(float)
+        self.seconds, self.step_ends = defaultdict(float), []
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -160,6 +180,8 @@ def main() -> None:
     add_video_arguments(parser)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--runs", type=int, default=3, help="timed runs of each pipeline")
+    parser.add_argument("--warmup-steps", type=int, help="steps of the warm-up runs (default: --steps); the same "
+                        "video shape, so compiling and first-time costs fall in them all the same")
     parser.add_argument("--compile", action="store_true", help="vidsynth with --compile (its compile time is in the "
                         "warm-up run)")
     parser.add_argument("--decode-chunk", type=int, help="frames vidsynth's VAE decodes at a time (default: its own "
@@ -190,11 +212,11 @@ def main() -> None:
     prompt, seed = "A car flying in space.", 0
     settings = dict(frames=args.frames, height=args.height, width=args.width, steps=args.steps, guidance=args.guidance)
 
-    def run_ours():
-        return ours(prompt, seed=seed, scheduler="ddim", progress=False, **settings).frames
+    def run_ours(steps=args.steps):
+        return ours(prompt, seed=seed, scheduler="ddim", progress=False, **{**settings, "steps": steps}).frames
 
-    def run_theirs():
-        output = theirs(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, num_frames=args.frames,
+    def run_theirs(steps=args.steps):
+        output = theirs(prompt, num_inference_steps=steps, guidance_scale=args.guidance, num_frames=args.frames,
                         height=args.height, width=args.width, output_type="np",
                         generator=torch.Generator("cpu").manual_seed(seed))
         return (np.asarray(output.frames[0]) * 255).round().clip(0, 255).astype(np.uint8)
@@ -213,9 +235,11 @@ def main() -> None:
             outputs[name] = frames
             timer.seconds["denoise"] = encode_started - started - timer.seconds["text"] - timer.seconds["decode"]
             return {"total": finished - started, "encode": finished - encode_started, **timer.seconds,
-                    "peak_gib": peak_memory_gib(device)}
+                    "later_step": timer.later_step_median(), "peak_gib": peak_memory_gib(device)}
 
-        warmup = {"vidsynth": measured("vidsynth", run_ours), "diffusers": measured("diffusers", run_theirs)}
+        warmup_steps = args.warmup_steps or args.steps
+        warmup = {"vidsynth": measured("vidsynth", lambda: run_ours(warmup_steps)),
+                  "diffusers": measured("diffusers", lambda: run_theirs(warmup_steps))}
         for _ in range(args.runs):
             results["diffusers"].append(measured("diffusers", run_theirs))
             results["vidsynth"].append(measured("vidsynth", run_ours))
@@ -230,8 +254,8 @@ def main() -> None:
         for name, made in outputs.items():
             away = np.abs(made.astype(int) - frames)
             from_reference[name] = {"max": int(away.max()), "mean": float(away.mean())}
-    summary = {name: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-               for name, runs in results.items()}
+    summary = {name: {key: statistics.median(run[key] for run in runs) if runs[0][key] is not None else None
+                      for key in runs[0]} for name, runs in results.items()}
     summary["ratio_total"] = summary["vidsynth"]["total"] / summary["diffusers"]["total"]
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
     if gpu:
@@ -243,9 +267,10 @@ def main() -> None:
             summary[name]["tflops"] = tflop / summary[name]["total"]
             summary[name]["fraction_of_peak"] = summary[name]["tflops"] / peak if peak else None
     report = {"date": str(date.today()), "machine": gpu or f"{cpu_name()}, {os.cpu_count()} cores",
-              "torch": torch.__version__, "python": platform.python_version(), "model": components.name,
-              "dtype": dtype_name(dtype), "settings": settings, "decode_chunk": ours.frames_per_chunk(args.height, args.width),
-              "runs": args.runs, "warmup": warmup,
+              "torch": torch.__version__, "python": platform.python_version(),
+              "model": components.name, "dtype": dtype_name(dtype), "settings": settings,
+              "decode_chunk": ours.frames_per_chunk(args.height, args.width), "runs": args.runs,
+              "warmup_steps": warmup_steps, "warmup": warmup,
               "results": results, "median": summary, "max_pixel_difference": difference,
               "mean_pixel_difference": mean_difference,
               "mean_pixel_value": {name: float(frames.mean()) for name, frames in outputs.items()},
@@ -256,14 +281,17 @@ def main() -> None:
 
     print(f"Command: `{report['command']}`  \nMachine: {report['machine']}, torch {torch.__version__}; "
           f"date {report['date']}. Model: {components.name}, {dtype_name(dtype)}, {settings}, DDIM.\n")
-    keys = ["total", "text", "denoise", "decode", "encode", "peak_gib"] + (["tflops", "fraction_of_peak"] if gpu else [])
+    keys = (["total", "text", "denoise", "later_step", "decode", "encode", "peak_gib"]
+            + (["tflops", "fraction_of_peak"] if gpu else []))
     print("| median of %d runs | vidsynth | diffusers | vidsynth / diffusers |\n|---|---|---|---|" % args.runs)
     for key in keys:
         a, b = summary["vidsynth"].get(key), summary["diffusers"].get(key)
-        unit = " (GiB)" if key == "peak_gib" else "" if key in ("tflops", "fraction_of_peak") else " (s)"
+        label = ROW_LABELS.get(key, key + ("" if key in ("tflops", "fraction_of_peak") else " (s)"))
         ratio = f"{a / b:.2f}" if a and b else "-"
-        print(f"| {key}{unit} | {a:.3f} | {b:.3f} | {ratio} |" if a is not None and b is not None else f"| {key} | - | - | - |")
-    print(f"| warm-up total (s) | {warmup['vidsynth']['total']:.3f} | {warmup['diffusers']['total']:.3f} | |")
+        measured_both = a is not None and b is not None
+        print(f"| {label} | {a:.3f} | {b:.3f} | {ratio} |" if measured_both else f"| {label} | - | - | - |")
+    print(f"| warm-up total, {warmup_steps} steps (s) | {warmup['vidsynth']['total']:.3f} | "
+          f"{warmup['diffusers']['total']:.3f} | |")
     print(f"\npixel difference between the two videos: max {difference}/255, mean {mean_difference:.2f}/255 "
           f"(mean pixel value: vidsynth {outputs['vidsynth'].mean():.1f}, diffusers {outputs['diffusers'].mean():.1f})")
     for name, away in from_reference.items():
