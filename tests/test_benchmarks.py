@@ -11,7 +11,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 STEPS = 3
 
 
-def test_versus_diffusers_times_every_phase_and_the_steps_after_the_first(tmp_path):
+def test_versus_diffusers_times_every_phase_and_makes_the_same_video(tmp_path):
     report_path = tmp_path / "report.json"
     command = [sys.executable, str(BENCHMARKS / "versus_diffusers.py"), "--model", "vidsynth-tiny", "--dtype",
                "float32", "--frames", "8", "--height", "32", "--width", "32", "--guidance", "4", "--steps",
@@ -27,5 +27,7 @@ def test_versus_diffusers_times_every_phase_and_the_steps_after_the_first(tmp_pa
         assert 0 < run["denoise"] < run["total"]
         # the steps after the first are timed between the ends of consecutive steps, within the denoising time
         assert 0 < run["later_step"] * (STEPS - 1) < run["denoise"]
-    assert report["median"]["ratio_total"] > 0 and 0 <= report["max_pixel_difference"] <= 255
+    assert report["median"]["ratio_total"] > 0
+    # the same model, settings and seed in float32: the same video, but for rounding
+    assert report["max_pixel_difference"] <= 2 and report["mean_pixel_difference"] < 0.05
     assert "| a step after the first, median (s) |" in finished.stdout
