@@ -211,7 +211,7 @@ def main() -> None:
     timer = PhaseTimer(components, device)
     prompt, seed = "A car flying in space.", 0
     settings = dict(frames=args.frames, height=args.height, width=args.width, steps=args.steps, guidance=args.guidance)
-    # diffusers guides every step with DDIM; a model's own defaults may guide only the first steps (the shipped one's do)
+    # diffusers guides every step; a model's own defaults may guide only the first ones (the shipped model's do)
     as_diffusers_samples = dict(scheduler="ddim", guidance_fraction=1.0, progress=False)
 
     def run_ours(steps=args.steps):
