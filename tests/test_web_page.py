@@ -94,6 +94,8 @@ def test_make_watch_download_cancel_and_history(browser, site, artifacts, tmp_pa
     page.wait_for_function("document.querySelector('#player').currentTime > 0")
     assert page.evaluate("document.querySelector('#player').error") is None
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling on a phone
+    # the finished job heads the history, with its thumbnail
+    page.wait_for_function("document.querySelector('#history li:first-child img').naturalWidth > 0")
     page.screenshot(path=str(artifacts / "web-page.png"), full_page=True)
 
     with page.expect_download() as download:
