@@ -212,10 +212,10 @@ def main() -> None:
     prompt, seed = "A car flying in space.", 0
     settings = dict(frames=args.frames, height=args.height, width=args.width, steps=args.steps, guidance=args.guidance)
     # diffusers guides every step; a model's own defaults may guide only the first ones (the shipped model's do)
-    as_diffusers_samples = dict(scheduler="ddim", guidance_fraction=1.0, progress=False)
+    sampled_as_diffusers_does = dict(scheduler="ddim", guidance_fraction=1.0, progress=False)
 
     def run_ours(steps=args.steps):
-        return ours(prompt, seed=seed, **as_diffusers_samples, **{**settings, "steps": steps}).frames
+        return ours(prompt, seed=seed, **sampled_as_diffusers_does, **{**settings, "steps": steps}).frames
 
     def run_theirs(steps=args.steps):
         output = theirs(prompt, num_inference_steps=steps, guidance_scale=args.guidance, num_frames=args.frames,
@@ -252,7 +252,7 @@ def main() -> None:
     if args.reference_dtype:
         reference_dtype = resolve_dtype(args.reference_dtype, device)
         reference = Pipeline(components_for(args, reference_dtype, device), device, reference_dtype)
-        frames = reference(prompt, seed=seed, **as_diffusers_samples, **settings).frames
+        frames = reference(prompt, seed=seed, **sampled_as_diffusers_does, **settings).frames
         for name, made in outputs.items():
             away = np.abs(made.astype(int) - frames)
             from_reference[name] = {"max": int(away.max()), "mean": float(away.mean())}
